@@ -1,0 +1,32 @@
+# One virtual environment, built from nothing by `make venv`; every other target uses it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export GIT_PYTHON_REFRESH = quiet
+
+.PHONY: venv test test-all demo bench clean file-list
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: venv          ## the test suite without the slow tests (what CI runs first)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+
+test-all: venv      ## every test, slow ones included
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m ''
+
+demo: venv          ## the whole pipeline on generated bins, offline
+	PATH=$(CURDIR)/$(BIN):$$PATH ./scripts/demo.sh
+
+file-list: venv     ## rebuild the committed file_list.json from the ABID label index
+	PATH=$(CURDIR)/$(BIN):$$PATH mlflow run . -e select --env-manager local \
+	  -P labels=../shared/abid-labels/expected_quantity.csv -P output=file_list.json
+
+clean:
+	rm -rf mlruns mlflow.db data .pytest_cache

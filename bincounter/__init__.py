@@ -1,0 +1,1 @@
+"""Count the items in warehouse bin photos."""

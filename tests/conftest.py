@@ -1,0 +1,62 @@
+"""Shared fixtures: one throw-away MLflow store for the session, one experiment per test."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "abid-sample"
+LABELS = ROOT.parent / "shared" / "abid-labels"
+needs_sample = pytest.mark.skipif(not (SAMPLE / "labels.csv").exists(),
+                                  reason=f"the real ABID sample is not at {SAMPLE}")
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    """A session-wide sqlite tracking store; artifacts live beside it."""
+    d = tmp_path_factory.mktemp("mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+    os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return d
+
+
+@pytest.fixture(autouse=True)
+def experiment(store, monkeypatch, request) -> str:
+    """Each test logs into an experiment of its own (artifacts under the session store)."""
+    name = f"{request.node.name[:60]}-{uuid.uuid4().hex[:6]}"
+    exp_id = mlflow.create_experiment(name, artifact_location=(store / "artifacts" / name).as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    mlflow.set_experiment(name)
+    yield name
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def run_entry(entry: str, params: dict, *extra: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`mlflow run <repo> -e entry --env-manager local -P k=v ...` in the test's experiment."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", os.environ["MLFLOW_EXPERIMENT_NAME"], *extra]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
+    return p
+
+
+def last_run(step: str):
+    """The newest run of `step` in the test's experiment."""
+    runs = mlflow.search_runs(experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]],
+                              filter_string=f"tags.`bincounter.step` = '{step}'", output_format="list",
+                              order_by=["attributes.start_time DESC"])
+    assert runs, f"no {step} run"
+    return runs[0]
