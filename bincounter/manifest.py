@@ -52,3 +52,35 @@ def empty_manifest() -> pd.DataFrame:
 
 def empty_rejects() -> pd.DataFrame:
     return pd.DataFrame(columns=REJECT_COLUMNS)
+
+
+def check_fractions(train: float, val: float, test: float) -> None:
+    """Each fraction in [0, 1], train and test above 0, summing to 1; else ValueError saying which."""
+    for name, f in (("train_frac", train), ("val_frac", val), ("test_frac", test)):
+        if not 0 <= f <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, got {f}")
+    if train <= 0 or test <= 0:
+        raise ValueError(f"train_frac and test_frac must be above 0, got {train} and {test}")
+    total = train + val + test
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"train_frac + val_frac + test_frac must be 1, got {train} + {val} + {test} = {total:g}")
+
+
+def stratified_split(df: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> dict[str, pd.DataFrame]:
+    """Split rows per count in the given train/val/test fractions (seeded) -> {"train", "val", "test"}.
+    Within each count the rows are sorted by image_id first, so the result depends on the rows, not their order."""
+    import numpy as np
+
+    check_fractions(*fractions)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
+    for _, group in df.sort_values("image_id").groupby("count", sort=True):
+        idx = rng.permutation(len(group))
+        n_val = int(round(len(group) * fractions[1]))
+        n_test = int(round(len(group) * fractions[2]))
+        n_train = len(group) - n_val - n_test
+        parts["train"].append(group.iloc[idx[:n_train]])
+        parts["val"].append(group.iloc[idx[n_train:n_train + n_val]])
+        parts["test"].append(group.iloc[idx[n_train + n_val:]])
+    return {k: (pd.concat(v).sort_values("image_id").reset_index(drop=True) if v else empty_manifest())
+            for k, v in parts.items()}

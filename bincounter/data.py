@@ -1,0 +1,37 @@
+"""Manifest rows -> tensors for training and evaluation."""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+
+class ManifestDataset(Dataset):
+    """Rows of a manifest (path, count) -> (image tensor, class index). `classes` lists the counts in order."""
+
+    def __init__(self, df: pd.DataFrame, classes: list[int], transform):
+        unknown = sorted(set(df["count"]) - set(classes))
+        if unknown:
+            raise ValueError(f"counts {unknown} are not among the model's classes {classes}")
+        self.paths = df["path"].tolist()
+        index = {c: i for i, c in enumerate(classes)}
+        self.labels = [index[c] for c in df["count"]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as img:  # cached at ingest: verified, already small
+            x = self.transform(img.convert("RGB"))
+        return x, self.labels[i]
+
+
+def make_loader(ds: Dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose order and augmentation draws depend only on `seed` (pass seed+epoch for each
+    epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
+                      pin_memory=pin_memory, persistent_workers=False, drop_last=False)

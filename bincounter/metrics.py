@@ -1,0 +1,114 @@
+"""Counting metrics and the plots people would rather see than read."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen here or on servers
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def count_metrics(y_true, y_pred) -> dict[str, float]:
+    """True and predicted counts -> accuracy, rmse, mae, within1_accuracy (|pred - true| <= 1)."""
+    t, p = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    if len(t) == 0:
+        raise ValueError("no predictions to score")
+    err = p - t
+    return {
+        "accuracy": float(np.mean(err == 0)),
+        "rmse": float(np.sqrt(np.mean(err ** 2))),
+        "mae": float(np.mean(np.abs(err))),
+        "within1_accuracy": float(np.mean(np.abs(err) <= 1)),
+    }
+
+
+def majority_baseline(train_counts, y_true) -> tuple[int, dict[str, float]]:
+    """Always answer the most common training count -> (that count, its metrics on y_true)."""
+    values, freq = np.unique(np.asarray(train_counts), return_counts=True)
+    majority = int(values[np.argmax(freq)])
+    return majority, count_metrics(y_true, np.full(len(y_true), majority))
+
+
+def confusion(y_true, y_pred, classes: list[int]) -> np.ndarray:
+    """Rows: true count, columns: predicted count (predictions outside `classes` are dropped)."""
+    index = {c: i for i, c in enumerate(classes)}
+    m = np.zeros((len(classes), len(classes)), dtype=int)
+    for t, p in zip(y_true, y_pred):
+        if t in index and p in index:
+            m[index[t], index[p]] += 1
+    return m
+
+
+def per_class_table(y_true, y_pred, classes: list[int]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per count."""
+    m = confusion(y_true, y_pred, classes)
+    tp = np.diag(m).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / m.sum(0))
+        recall = np.nan_to_num(tp / m.sum(1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return pd.DataFrame({"count": classes, "precision": precision, "recall": recall, "f1": f1,
+                         "support": m.sum(1)})
+
+
+def plot_confusion(m: np.ndarray, classes: list[int], title: str = "Confusion matrix"):
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(m, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted count")
+    ax.set_ylabel("true count")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(history: list[dict]):
+    """history: one dict per epoch with train_/val_ loss and accuracy -> a two-panel learning-curve figure."""
+    h = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ["loss", "accuracy"]):
+        for split in ["train", "val"]:
+            if f"{split}_{metric}" in h:
+                ax.plot(h["epoch"], h[f"{split}_{metric}"], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_histogram(counts_by_split: dict[str, pd.Series], title: str = "Images per count"):
+    """{split: Series of counts} -> grouped bar chart."""
+    table = pd.DataFrame({k: v.value_counts() for k, v in counts_by_split.items()}).fillna(0).sort_index()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    table.plot.bar(ax=ax)
+    ax.set_xlabel("count")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_samples(paths: list[str], captions: list[str], colors: list[str], cols: int = 6, title: str = ""):
+    """A grid of images with a coloured caption under each (green right, red wrong)."""
+    from PIL import Image
+
+    rows = max(1, -(-len(paths) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, path, cap, col in zip(axes.flat, paths, captions, colors):
+        with Image.open(path) as img:
+            img.thumbnail((160, 160))
+            ax.imshow(img)
+        ax.set_title(cap, fontsize=8, color=col)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,150 @@
+"""The served model: an MLflow pyfunc (models-from-code) that turns image bytes into counts.
+
+Input: a DataFrame with a binary column `image` (JPEG/PNG bytes; base64 text is accepted too, for
+`inputs`/`instances` requests). Output per image: `count`, `confidence` and `p_<count>` for every count.
+The artifact holds only a state dict (`weights.pt`, loaded with weights_only=True) and `model_config.json`;
+the code is this package, shipped with the model through `code_paths`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+
+from bincounter.model import WEIGHTS_FILE, build_model
+from bincounter.transforms import EvalPreset, ImageError, decode_image
+
+CONFIG_FILE = "model_config.json"
+INPUT_COLUMN = "image"
+MAX_BATCH = 64  # images per forward pass: bounds memory whatever the request size
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _as_bytes(value, i: int) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):  # `inputs`/`instances` requests deliver the base64 text undecoded
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"row {i}: text that is not base64") from None
+    raise ImageError(f"row {i}: expected image bytes, got {type(value).__name__}")
+
+
+class BinCounter:
+    """A loaded bin counter: bytes in, counts and probabilities out. Used by the pyfunc, evaluate and the CLI."""
+
+    def __init__(self, model: torch.nn.Module, config: dict):
+        self.model = model.eval()
+        self.config = config
+        self.classes = [int(c) for c in config["classes"]]
+        self.transform = EvalPreset(int(config["image_size"]))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "BinCounter":
+        path = Path(path)
+        config = json.loads((path / CONFIG_FILE).read_text())
+        model = build_model(config["arch"], len(config["classes"]), weights="none")
+        model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        return cls(model, config)
+
+    @torch.inference_mode()
+    def probabilities(self, images: list[bytes], names: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
+        """-> (probabilities [N, C], one error message or None per image). A bad image gets a NaN row and
+        its error; it never stops the others."""
+        names = names or [f"row {i}" for i in range(len(images))]
+        probs = np.full((len(images), len(self.classes)), np.nan, dtype=np.float32)
+        errors: list[str | None] = [None] * len(images)
+        for start in range(0, len(images), MAX_BATCH):
+            idx, tensors = [], []
+            for i in range(start, min(start + MAX_BATCH, len(images))):
+                try:
+                    tensors.append(self.transform(decode_image(images[i], names[i])))
+                    idx.append(i)
+                except ImageError as e:
+                    errors[i] = str(e)
+            if tensors:
+                probs[idx] = self.model(torch.stack(tensors)).softmax(1).numpy()
+        return probs, errors
+
+    def table(self, probs: np.ndarray) -> pd.DataFrame:
+        """Probabilities -> count, confidence, p_<count> columns."""
+        best = np.nan_to_num(probs, nan=-1).argmax(1)
+        out = pd.DataFrame({"count": np.asarray(self.classes)[best].astype("int64"),
+                            "confidence": probs.max(1).astype("float64")})
+        for j, c in enumerate(self.classes):
+            out[f"p_{c}"] = probs[:, j].astype("float64")
+        return out
+
+
+class BinCounterModel(PythonModel):
+    """The pyfunc wrapper: a request with any bad image is refused as a whole with a 400 naming the row."""
+
+    def load_context(self, context):
+        self.counter = BinCounter.from_dir(Path(context.artifacts["model_dir"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+            cols = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+            raise MlflowException(f"expected a column {INPUT_COLUMN!r} of image bytes, got {cols}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        if len(model_input) == 0:
+            raise MlflowException("no images in the request", error_code=INVALID_PARAMETER_VALUE)
+        try:
+            images = [_as_bytes(v, i) for i, v in enumerate(model_input[INPUT_COLUMN])]
+        except ImageError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        probs, errors = self.counter.probabilities(images)
+        bad = [e for e in errors if e]
+        if bad:
+            raise MlflowException(f"{len(bad)} of {len(images)} images refused: " + "; ".join(bad[:5]),
+                                  error_code=INVALID_PARAMETER_VALUE)
+        return self.counter.table(probs)
+
+
+def signature(classes: list[int]) -> ModelSignature:
+    out = [ColSpec("long", "count"), ColSpec("double", "confidence")] + [ColSpec("double", f"p_{c}") for c in classes]
+    return ModelSignature(inputs=Schema([ColSpec("binary", INPUT_COLUMN)]), outputs=Schema(out))
+
+
+def log_model(model: torch.nn.Module, config: dict, example_image: bytes, name: str = "model", **kwargs):
+    """Log `model` as the pyfunc `name` in the active run: state dict + config as artifacts, this package as
+    code, a signature and an input example made from `example_image`. -> the ModelInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "model_dir"
+        d.mkdir()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / WEIGHTS_FILE)
+        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
+            artifacts={"model_dir": str(d)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(config["classes"]),
+            input_example=pd.DataFrame({INPUT_COLUMN: [example_image]}),
+            pip_requirements=_requirements(),
+            **kwargs,
+        )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("mlflow", "torch", "torchvision", "pillow", "pandas", "numpy")]
+
+
+def load(model_uri: str) -> BinCounter:
+    """A `runs:/`/`models:/` URI or a local model folder -> BinCounter (through mlflow.pyfunc.load_model)."""
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    return pyfunc.unwrap_python_model().counter

@@ -1,0 +1,245 @@
+"""The fit loop: one epoch of training, evaluation, checkpoints with resume, early stopping.
+
+`train_run` is what both the train step and each hpo trial call: it logs into the active MLflow run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bincounter import metrics
+from bincounter.data import ManifestDataset, make_loader
+from bincounter.manifest import atomic_write_bytes
+from bincounter.model import build_model
+from bincounter.transforms import EvalPreset, TrainPreset
+
+CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
+OPTIMIZERS = ("adamw", "sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training result. The defaults are the project's single source for the
+    tunable hyperparameters (the train step's empty parameters fall back to these)."""
+    arch: str = "resnet50"
+    weights: str = "imagenet"
+    image_size: int = 224
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    freeze: bool = False
+    patience: int = 3
+    max_steps: int = 0  # train batches per epoch, 0 = all (tests and quick trials)
+    workers: int = 2
+    seed: int = 42
+    classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.image_size >= 32, f"image_size must be at least 32, got {self.image_size}"),
+            (self.patience >= 0, f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
+            (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
+            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (len(self.classes) >= 2, f"need at least 2 count classes, got {self.classes}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
+TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze")
+
+
+def setup_device() -> torch.device:
+    """CUDA when present; on CPU use every core for the math (data workers mostly wait on it)."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device("cpu")
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_steps: int = 0, desc: str = "train"):
+    """One pass over `loader` (at most max_steps batches) -> {loss, accuracy}. Raises FloatingPointError on a
+    non-finite loss (hpo records such a trial as failed)."""
+    model.train()
+    amp = device.type == "cuda"
+    total, correct, loss_sum = 0, 0, 0.0
+    n = min(len(loader), max_steps) if max_steps else len(loader)
+    for step, (x, y) in enumerate(tqdm(loader, total=n, desc=desc, leave=False, mininterval=5)):
+        if step >= n:
+            break
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if amp else torch.contiguous_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):  # forward AND loss inside
+            out = model(x)
+            loss = criterion(out, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.item() * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+        total += len(y)
+    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+
+
+@torch.no_grad()
+def predict(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
+    """-> (class probabilities [N, C], true class indices [N])."""
+    model.eval()
+    amp = device.type == "cuda"
+    probs, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if amp else torch.contiguous_format)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = model(x)
+        probs.append(out.float().softmax(1).cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model, loader, device, classes: list[int]) -> dict[str, float]:
+    """-> {loss, accuracy, rmse, mae, within1_accuracy} over `loader`."""
+    probs, y = predict(model, loader, device)
+    loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
+    c = np.asarray(classes)
+    return {"loss": loss, **metrics.count_metrics(c[y], c[probs.argmax(1)])}
+
+
+class Checkpointer:
+    """Saves the training state atomically after every epoch, locally and as the run's artifact."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.dir = Path(tempfile.mkdtemp(prefix="bincounter-ckpt-"))
+
+    def load(self) -> dict | None:
+        """The run's last checkpoint, or None when it has none."""
+        client = mlflow.MlflowClient()
+        if not any(f.path == CHECKPOINT for f in client.list_artifacts(self.run_id, "checkpoint")):
+            return None
+        path = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=str(self.dir))
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save(self, state: dict) -> None:
+        path = self.dir / "checkpoint" / "last.pt"
+        buf = _to_bytes(state)
+        atomic_write_bytes(path, buf)
+        mlflow.log_artifact(str(path), "checkpoint")
+
+
+def _to_bytes(obj) -> bytes:
+    import io
+    b = io.BytesIO()
+    torch.save(obj, b)
+    return b.getvalue()
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, resume: bool = True,
+              checkpoint: bool = True) -> dict:
+    """Train in the active MLflow run: logs per-epoch metrics (step=epoch), resumes from the run's checkpoint
+    when it has one. -> {"model": best model (eval mode, CPU), "best_epoch", "history", "best": val metrics}."""
+    cfg.validate()
+    run_id = mlflow.active_run().info.run_id
+    device = setup_device()
+    _set_seed(cfg.seed)
+    model = build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.freeze).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    criterion = nn.CrossEntropyLoss()
+    train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size))
+    val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size)), cfg.batch_size,
+                             cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
+
+    ckpt = Checkpointer(run_id) if checkpoint else None
+    state = ckpt.load() if (ckpt and resume) else None
+    start, history, best, best_epoch, best_loss, bad = 1, [], None, 0, float("inf"), 0
+    if state:
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"run {run_id} has a checkpoint made with other settings; start a new run")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history = state["epoch"] + 1, state["history"]
+        best, best_epoch, best_loss, bad = state["best_model"], state["best_epoch"], state["best_loss"], state["bad_epochs"]
+        print(f"train: resuming run {run_id} after epoch {state['epoch']}")
+
+    for epoch in range(start, cfg.epochs + 1):
+        if cfg.patience and bad >= cfg.patience:
+            break
+        # order and augmentation draws depend on (seed, epoch) only: resume replays the same batches
+        loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                             pin_memory=device.type == "cuda")
+        tr = train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg.max_steps,
+                             desc=f"epoch {epoch}/{cfg.epochs}")
+        scheduler.step()
+        va = evaluate(model, val_loader, device, cfg.classes)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+               **{f"val_{k}": v for k, v in va.items()}, "lr": scheduler.get_last_lr()[0]}
+        history.append(row)
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if va["loss"] < best_loss:
+            best_loss, best_epoch, bad = va["loss"], epoch, 0
+            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        if ckpt:
+            ckpt.save({"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(),
+                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
+                       "best_model": best, "best_epoch": best_epoch, "best_loss": best_loss, "bad_epochs": bad})
+        if os.environ.get("BINCOUNTER_FAULT_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for tests
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    final = copy.deepcopy(model).cpu()
+    final.load_state_dict(best)
+    final.eval()
+    best_row = next(r for r in history if r["epoch"] == best_epoch)
+    mlflow.log_metrics({"best_epoch": best_epoch, **{f"best_{k}": v for k, v in best_row.items()
+                                                    if k.startswith("val_")}})
+    return {"model": final, "best_epoch": best_epoch, "history": history, "best": best_row}

@@ -1,0 +1,78 @@
+"""The one preprocessing definition, shared by training, evaluation and the served model.
+
+Bytes -> RGB PIL image (`decode_image`, with the checks a server needs), PIL image -> normalised tensor
+(`TrainPreset` with augmentation, `EvalPreset` without).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2 as T
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: what torchvision's pretrained weights expect
+STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 40_000_000  # ~6300 x 6300; ABID photos are about 0.25 MP, anything far bigger is a bomb
+MAX_BYTES = 20 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """Bytes that are not a usable image; the message says why."""
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """JPEG/PNG bytes -> fully decoded RGB image. Raises ImageError naming `name` for empty, oversized,
+    undecodable or truncated input and for decompression bombs (checked before pixels are decoded)."""
+    if not data:
+        raise ImageError(f"{name}: empty")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"{name}: {len(data)} bytes is over the {MAX_BYTES}-byte limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{name}: {w}x{h} pixels is over the {MAX_PIXELS}-pixel limit (decompression bomb?)")
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot decode ({e})") from None
+    return img.convert("RGB")
+
+
+def _normalize() -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
+
+
+class TrainPreset:
+    """Augmentation suited to bins seen from above: mild crop and colour jitter, horizontal flip only
+    (the label strip and elastic bands have an up and down), no rotation that would cut items off."""
+
+    def __init__(self, image_size: int):
+        self.t = T.Compose([
+            T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            *_normalize(),
+        ])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.t(img)
+
+
+class EvalPreset:
+    """Resize the short side, centre-crop a square, normalise: deterministic."""
+
+    def __init__(self, image_size: int):
+        self.t = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), *_normalize()])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.t(img)

@@ -1,0 +1,50 @@
+"""split: stratified train/val/test split of an ingest run's manifest.
+
+Reads: the ingest run's `manifest.csv` (a FINISHED ingest run).
+Logs: `splits/{train,val,test}.csv`, `class_histogram.png`, param `classes`, metrics `{split}_size`.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from bincounter import metrics
+from bincounter.manifest import check_fractions, read_manifest, stratified_split, write_csv
+from bincounter.runs import download, finished_run, start_step, whole
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="split", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ingest_run_id", required=True)
+    p.add_argument("--train_frac", type=float, default=0.6)
+    p.add_argument("--val_frac", type=float, default=0.2)
+    p.add_argument("--test_frac", type=float, default=0.2)
+    p.add_argument("--seed", type=whole, default=42)
+    return p
+
+
+def main(args: argparse.Namespace) -> str:
+    check_fractions(args.train_frac, args.val_frac, args.test_frac)
+    ingest = finished_run(args.ingest_run_id, "ingest")
+    with start_step("split", args) as run, tempfile.TemporaryDirectory() as tmp:
+        df = read_manifest(download(args.ingest_run_id, "manifest.csv", tmp))
+        if df.empty:
+            raise ValueError(f"ingest run {args.ingest_run_id} has an empty manifest: nothing to split")
+        lo = int(ingest.data.params.get("count_min", df["count"].min()))
+        hi = int(ingest.data.params.get("count_max", df["count"].max()))
+        mlflow.log_param("classes", ",".join(str(c) for c in range(lo, hi + 1)))
+        splits = stratified_split(df, (args.train_frac, args.val_frac, args.test_frac), args.seed)
+        for name, part in splits.items():
+            write_csv(part, Path(tmp) / "splits" / f"{name}.csv")
+            mlflow.log_metric(f"{name}_size", len(part))
+        mlflow.log_artifacts(str(Path(tmp) / "splits"), "splits")
+        mlflow.log_figure(metrics.plot_histogram({k: v["count"] for k, v in splits.items()}), "class_histogram.png")
+        print("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        return run.info.run_id
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

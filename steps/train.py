@@ -1,0 +1,101 @@
+"""train: fit a ResNet bin counter on a split run's train/val data.
+
+Reads: the split run's `splits/train.csv`, `splits/val.csv` and `classes`; optionally an hpo run's `best_*`.
+Logs: params (the effective hyperparameters as `hp_*`), per-epoch `train_loss`, `train_accuracy`, `val_loss`,
+`val_accuracy`, `val_rmse`, ... with step=epoch, `learning_curves.png`, `checkpoint/last.pt` after every epoch,
+system metrics, and the best epoch's model as the pyfunc `model`.
+Resume: rerun into the same run (`mlflow run ... --run-id <id>`); it continues after the last finished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import mlflow
+
+from bincounter import metrics, serving
+from bincounter.manifest import read_manifest
+from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
+from bincounter.training import TUNABLE, TrainConfig, train_run
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split_run_id", required=True)
+    p.add_argument("--hpo_run_id", default="", help="take lr, batch_size, ... from this hpo run's best trial")
+    p.add_argument("--epochs", type=whole, default=10)
+    for name in TUNABLE:  # empty: hpo's best, else TrainConfig's default
+        p.add_argument(f"--{name}", default="", help=f"default: the hpo run's best, else {getattr(TrainConfig, name)}")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | state-dict file | runs:/.. or models:/.. URI")
+    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--image_size", type=whole, default=224)
+    p.add_argument("--workers", type=whole, default=2)
+    p.add_argument("--patience", type=whole, default=3, help="epochs without a better val_loss before stopping; 0 = never")
+    p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
+    p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
+    p.add_argument("--seed", type=whole, default=42)
+    return p
+
+
+_PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool}
+
+
+def hparams(args: argparse.Namespace, hpo_params: dict[str, str] | None = None) -> dict:
+    """The tunables: an explicit value wins, then the hpo run's `best_<name>`, then TrainConfig's default."""
+    out = {}
+    for name in TUNABLE:
+        given = getattr(args, name)
+        raw = given if given != "" else (hpo_params or {}).get(f"best_{name}", "")
+        try:
+            out[name] = _PARSE[name](raw) if raw != "" else getattr(TrainConfig, name)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"{name} = {raw!r} is not a valid {name}") from None
+    return out
+
+
+def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict | None = None, **override) -> TrainConfig:
+    """Step arguments (+ hpo's best) -> a validated TrainConfig; hpo trials pass their draws as `override`."""
+    names = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in vars(args).items() if k in names and k not in TUNABLE}
+    return TrainConfig(**{**base, **hparams(args, hpo_params), "classes": classes, **override}).validate()
+
+
+def load_split(split_run_id: str, tmp: str):
+    """-> (classes, train_df, val_df) of a FINISHED split run."""
+    split = finished_run(split_run_id, "split")
+    classes = csv_ints(split.data.params["classes"])
+    train_df = read_manifest(download(split_run_id, "splits/train.csv", tmp))
+    val_df = read_manifest(download(split_run_id, "splits/val.csv", tmp))
+    if train_df.empty or val_df.empty:
+        raise ValueError(f"split run {split_run_id} has an empty train or val split; ingest more images")
+    return classes, train_df, val_df
+
+
+def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
+    """Log the best model as the pyfunc `model` with a real image as its input example."""
+    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size,
+              "best_epoch": result["best_epoch"]}
+    return serving.log_model(result["model"], config, Path(example_path).read_bytes())
+
+
+def main(args: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        classes, train_df, val_df = load_split(args.split_run_id, tmp)
+        hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
+        cfg = config_from(args, classes, hpo)  # bad parameters fail here, before a run is opened
+        with start_step("train", args, log_system_metrics=True) as run:
+            mlflow.log_params({f"hp_{k}": getattr(cfg, k) for k in TUNABLE})
+            mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
+            mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
+            result = train_run(cfg, train_df, val_df, resume=args.resume)
+            mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
+            log_trained_model(result, cfg, val_df["path"].iloc[0])
+            print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']}, "
+                  f"val_accuracy {result['best']['val_accuracy']:.3f}")
+            return run.info.run_id
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
