@@ -34,8 +34,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _as_bytes(value, i: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):  # `inputs`/`instances` requests deliver the base64 text undecoded
+        # `inputs`/`instances` requests deliver the base64 text undecoded, as bytes; image files always hold
+        # bytes outside the base64 alphabet (JPEG/PNG signatures), so valid base64 can only be such text
+        try:
+            return base64.b64decode(bytes(value), validate=True)
+        except (binascii.Error, ValueError):
+            return bytes(value)
+    if isinstance(value, str):
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
@@ -51,6 +56,7 @@ class BinCounter:
         self.config = config
         self.classes = [int(c) for c in config["classes"]]
         self.transform = EvalPreset(int(config["image_size"]))
+        self.device = next(model.parameters()).device
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "BinCounter":
@@ -76,7 +82,8 @@ class BinCounter:
                 except ImageError as e:
                     errors[i] = str(e)
             if tensors:
-                probs[idx] = self.model(torch.stack(tensors)).softmax(1).numpy()
+                x = torch.stack(tensors).to(self.device)
+                probs[idx] = self.model(x).float().softmax(1).cpu().numpy()
         return probs, errors
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:

@@ -61,6 +61,9 @@ class TrainConfig:
             (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (len(self.classes) >= 2, f"need at least 2 count classes, got {self.classes}"),
+            (self.weights in ("imagenet", "none") or self.weights.startswith(("runs:/", "models:/"))
+             or Path(self.weights).is_file(),
+             f"weights {self.weights!r} is not imagenet, none, a model URI or an existing file"),
         ]
         for ok, msg in checks:
             if not ok:

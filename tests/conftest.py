@@ -35,18 +35,21 @@ def experiment(store, monkeypatch, request) -> str:
     exp_id = mlflow.create_experiment(name, artifact_location=(store / "artifacts" / name).as_uri())
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
     mlflow.set_experiment(name)
+    # set_experiment also exports MLFLOW_EXPERIMENT_ID, which `mlflow run` refuses beside a name
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     yield name
     while mlflow.active_run():
         mlflow.end_run()
 
 
-def run_entry(entry: str, params: dict, *extra: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_entry(entry: str, params: dict, *extra: str, check: bool = True, timeout: int = 900,
+              env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """`mlflow run <repo> -e entry --env-manager local -P k=v ...` in the test's experiment."""
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
            "--experiment-name", os.environ["MLFLOW_EXPERIMENT_NAME"], *extra]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env_extra or {}))
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")

@@ -1,0 +1,104 @@
+"""main: the whole chain, each step its own run under this one.
+
+ingest -> split -> hpo (skipped when max_evals is 0) -> train -> evaluate -> register.
+A step whose FINISHED run with the same entry point, parameters (compared as strings) and git commit exists
+in the experiment is reused, not rerun; a changed parameter upstream gives new run ids, so everything
+downstream reruns too. A failing step stops the chain and this run ends FAILED.
+Logs: tags `<step>_run_id` for every step, and the final champion/challenger verdict from register.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from mlflow.utils import mlflow_tags
+
+from bincounter.runs import start_step, whole
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="s3", choices=["s3", "local", "synthetic"])
+    p.add_argument("--file_list", default="file_list.json")
+    p.add_argument("--data_dir", default="")
+    p.add_argument("--cache_dir", default="data")
+    p.add_argument("--num_images", type=whole, default=1000)
+    p.add_argument("--limit", type=whole, default=0)
+    p.add_argument("--count_min", type=whole, default=1)
+    p.add_argument("--count_max", type=whole, default=5)
+    p.add_argument("--max_evals", type=whole, default=8, help="hpo trials; 0 skips hpo")
+    p.add_argument("--hpo_epochs", type=whole, default=1)
+    p.add_argument("--epochs", type=whole, default=10)
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--image_size", type=whole, default=224)
+    p.add_argument("--max_steps", type=whole, default=0)
+    p.add_argument("--workers", type=whole, default=2)
+    p.add_argument("--model_name", default="bin-counter")
+    p.add_argument("--seed", type=whole, default=42)
+    return p
+
+
+def _git_commit() -> str | None:
+    from mlflow.projects.utils import get_git_commit
+    return get_git_commit(str(ROOT))
+
+
+def find_finished(entry_point: str, parameters: dict, experiment_id: str):
+    """The newest FINISHED run of `entry_point` in the experiment with these parameters (as strings) and
+    this git commit, or None."""
+    commit = _git_commit()
+    runs = MlflowClient().search_runs(
+        [experiment_id], f"tags.`{mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' "
+                         f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if commit and run.data.tags.get(mlflow_tags.MLFLOW_GIT_COMMIT) != commit:
+            continue
+        if all(run.data.params.get(k) == str(v) for k, v in parameters.items()):
+            return run
+    return None
+
+
+def get_or_run(entry_point: str, parameters: dict, experiment_id: str) -> str:
+    """-> the run id of a reusable FINISHED run, or of a new run of the step (raises if it fails)."""
+    found = find_finished(entry_point, parameters, experiment_id)
+    if found:
+        print(f"main: reusing {entry_point} run {found.info.run_id}")
+        return found.info.run_id
+    print(f"main: running {entry_point} with {parameters}")
+    submitted = mlflow.projects.run(str(ROOT), entry_point=entry_point, parameters=parameters,
+                                    env_manager="local", experiment_id=experiment_id, synchronous=True)
+    return submitted.run_id
+
+
+def main(args: argparse.Namespace) -> dict[str, str]:
+    with start_step("main", args) as run:
+        exp = run.info.experiment_id
+        ids: dict[str, str] = {}
+
+        def step(name: str, params: dict) -> str:
+            ids[name] = get_or_run(name, {k: str(v) for k, v in params.items()}, exp)
+            mlflow.set_tag(f"{name}_run_id", ids[name])
+            return ids[name]
+
+        ingest = step("ingest", dict(source=args.source, file_list=args.file_list, data_dir=args.data_dir,
+                                     cache_dir=args.cache_dir, num_images=args.num_images, limit=args.limit,
+                                     count_min=args.count_min, count_max=args.count_max, seed=args.seed))
+        split = step("split", dict(ingest_run_id=ingest, seed=args.seed))
+        fixed = dict(arch=args.arch, weights=args.weights, image_size=args.image_size, max_steps=args.max_steps,
+                     workers=args.workers, seed=args.seed)
+        hpo = step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs, **fixed)) \
+            if args.max_evals > 0 else ""
+        train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, **fixed))
+        step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split))
+        step("register", dict(run_id=train, name=args.model_name))
+        print("main: " + ", ".join(f"{k} {v}" for k, v in ids.items()))
+        return ids
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

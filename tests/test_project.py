@@ -1,0 +1,54 @@
+"""MLproject, the step CLIs and their defaults stay one thing."""
+import argparse
+import importlib
+import re
+from dataclasses import fields
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+PROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
+ENTRIES = sorted(PROJECT["entry_points"])
+
+
+def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def test_every_step_has_an_entry_point_and_back():
+    modules = sorted(p.stem for p in (ROOT / "steps").glob("*.py") if not p.stem.startswith("_"))
+    assert modules == ENTRIES
+    assert {"main", "select", "ingest", "split", "hpo", "train", "evaluate", "register", "deploy"} <= set(ENTRIES)
+    assert PROJECT["conda_env"] == "conda.yaml" and (ROOT / "conda.yaml").exists()
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_parameters_reach_the_command_with_the_cli_defaults(entry):
+    spec = PROJECT["entry_points"][entry]
+    params = spec.get("parameters", {})
+    command = spec["command"]
+    assert command.startswith(f"python -m steps.{entry} ")
+    opts = options(importlib.import_module(f"steps.{entry}").get_args_parser())
+    assert set(params) == set(opts), f"{entry}: MLproject and CLI differ: {set(params) ^ set(opts)}"
+    for name, p in params.items():
+        assert re.search(rf'--{name} "?\{{{name}\}}"?(\s|$)', command), f"{entry}: --{name} {{{name}}} not in command"
+        action = opts[name]
+        if "default" not in p:
+            assert action.required, f"{entry}: {name} has no default in MLproject but is optional in the CLI"
+            continue
+        value = p["default"]
+        parsed = action.type(str(value)) if action.type else str(value)
+        assert parsed == action.default, f"{entry}.{name}: MLproject default {value!r} vs CLI {action.default!r}"
+
+
+def test_train_cli_defaults_are_trainconfig_defaults():
+    from bincounter.training import TUNABLE, TrainConfig
+
+    opts = options(importlib.import_module("steps.train").get_args_parser())
+    for f in fields(TrainConfig):
+        if f.name in opts and f.name not in TUNABLE:
+            assert opts[f.name].default == f.default, f.name
+    for name in TUNABLE:  # empty means: the hpo run's best, else TrainConfig's default
+        assert opts[name].default == ""

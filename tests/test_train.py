@@ -1,0 +1,155 @@
+"""train and evaluate: through `mlflow run`, resume after a kill, bad parameters, unreadable images."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, last_run, run_entry
+from helpers_data import make_split_run
+
+TINY = dict(arch="resnet18", weights="none", image_size=32, epochs=2, max_steps=2, workers=0, batch_size=8)
+
+
+def history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key)]
+
+
+def artifacts(run_id: str, path: str = "") -> set[str]:
+    return {f.path for f in MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_train_then_evaluate_through_mlflow_run(tmp_path):
+    split = make_split_run(tmp_path, n=60, size=64)
+    run_entry("train", dict(split_run_id=split, **TINY))
+    train = last_run("train")
+    assert train.info.status == "FINISHED"
+    assert [s for s, _ in history(train.info.run_id, "val_loss")] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "val_accuracy", "val_rmse"):
+        assert len(history(train.info.run_id, key)) == 2, key
+    assert train.data.params["hp_lr"] == "0.001" and train.data.params["hp_optimizer"] == "adamw"
+    assert {"checkpoint", "learning_curves.png"} <= artifacts(train.info.run_id)
+    assert "checkpoint/last.pt" in artifacts(train.info.run_id, "checkpoint")
+    info = mlflow.models.get_model_info(f"runs:/{train.info.run_id}/model")  # MLflow 3: a LoggedModel of the run
+    assert info.run_id == train.info.run_id and info.flavors.keys() >= {"python_function"}
+
+    # the logged model loads and predicts in a fresh process from its own files only
+    model_uri = f"runs:/{train.info.run_id}/model"
+    image = pd.read_csv(tmp_path / "splits" / "val.csv")["path"].iloc[0]
+    code = ("import sys, mlflow, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(m.metadata.signature.inputs.to_dict()); "
+            "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]})).to_json(orient='records'))")
+    out = subprocess.run([sys.executable, "-c", code, model_uri, image], capture_output=True, text=True,
+                         check=True, cwd="/", env=dict(os.environ, PYTHONPATH="")).stdout
+    assert "'type': 'binary', 'name': 'image'" in out
+    row = json.loads(out.splitlines()[-1])[0]
+    assert row["count"] in range(1, 6) and 0 < row["confidence"] <= 1
+    assert sum(row[f"p_{c}"] for c in range(1, 6)) == pytest.approx(1, abs=1e-4)
+
+    run_entry("evaluate", dict(model_uri=model_uri, split_run_id=split))
+    ev = last_run("evaluate")
+    for k in ("test_accuracy", "test_rmse", "test_mae", "test_within1_accuracy", "baseline_accuracy", "baseline_rmse"):
+        assert k in ev.data.metrics, k
+    assert ev.data.metrics["test_unreadable"] == 0
+    assert {"predictions.csv", "per_count.csv", "confusion_matrix.png", "samples.png"} <= artifacts(ev.info.run_id)
+
+
+def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path):
+    split = make_split_run(tmp_path, n=40, size=48)
+    params = dict(split_run_id=split, **TINY)
+    killed = run_entry("train", params, check=False,
+                       env_extra={"BINCOUNTER_FAULT_KILL_AFTER_EPOCH": "1"})
+    assert killed.returncode != 0
+    run_id = last_run("train").info.run_id
+    assert [s for s, _ in history(run_id, "val_loss")] == [1]
+    run_entry("train", params, "--run-id", run_id)
+    resumed = mlflow.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert [s for s, _ in history(run_id, "val_loss")] == [1, 2]
+
+    run_entry("train", params)
+    straight = last_run("train")
+    assert straight.info.run_id != run_id
+    for key in ("val_loss", "train_loss", "val_accuracy"):
+        resumed_h, straight_h = history(run_id, key), history(straight.info.run_id, key)
+        assert [s for s, _ in resumed_h] == [s for s, _ in straight_h] == [1, 2]
+        assert [v for _, v in resumed_h] == pytest.approx([v for _, v in straight_h], rel=1e-5), key
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--lr", "-1"], "lr must be a positive number"),
+    (["--lr", "fast"], "lr = 'fast' is not a valid lr"),
+    (["--optimizer", "rmsprop"], "optimizer must be one of"),
+    (["--batch_size", "0"], "batch_size must be at least 1"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--image_size", "16"], "image_size must be at least 32"),
+    (["--weights", "/no/such/file.pt"], "is not imagenet, none, a model URI or an existing file"),
+])
+def test_bad_parameters_fail_before_training_with_a_clear_message(tmp_path, override, message):
+    from bincounter.model import WeightsUnavailable
+    from steps import train
+
+    split = make_split_run(tmp_path, n=20, size=32)
+    args = train.get_args_parser().parse_args(["--split_run_id", split, "--weights", "none", *override])
+    with pytest.raises((ValueError, WeightsUnavailable), match=message):
+        train.main(args)
+    assert not mlflow.search_runs(filter_string="tags.`bincounter.step` = 'train'", output_format="list")
+
+
+def test_imagenet_weights_offline_fail_at_once_saying_what_to_do():
+    from bincounter.model import WeightsUnavailable, build_model
+
+    start = time.monotonic()
+    try:
+        build_model("resnet18", 5, weights="imagenet")
+    except WeightsUnavailable as e:
+        assert "weights=none" in str(e) and "torch hub cache" in str(e)
+        assert time.monotonic() - start < 60
+    else:  # a machine with internet (or a filled torch cache) gets the real weights
+        pass
+
+
+def test_wrong_upstream_run_is_refused(tmp_path):
+    from steps import train
+
+    with mlflow.start_run() as other:
+        mlflow.set_tag("bincounter.step", "ingest")
+    args = train.get_args_parser().parse_args(["--split_run_id", other.info.run_id, "--weights", "none"])
+    with pytest.raises(ValueError, match="is a 'ingest' run, expected a 'split' run"):
+        train.main(args)
+
+
+def test_evaluate_counts_unreadable_images_and_goes_on(tmp_path):
+    from steps import evaluate
+
+    split = make_split_run(tmp_path, n=30, size=32)
+    with mlflow.start_run() as run:
+        from bincounter.training import TrainConfig, train_run
+        from steps.train import load_split, log_trained_model
+
+        classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+        cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes})
+        result = train_run(cfg, train_df, val_df, checkpoint=False)
+        log_trained_model(result, cfg, val_df["path"].iloc[0])
+    test = pd.read_csv(tmp_path / "splits" / "test.csv", dtype={"image_id": str})
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    bad = pd.DataFrame([{**test.iloc[0].to_dict(), "image_id": "bad1", "path": str(corrupt)},
+                        {**test.iloc[0].to_dict(), "image_id": "bad2", "path": str(tmp_path / "missing.jpg")}])
+    manifest = tmp_path / "mixed.csv"
+    pd.concat([test, bad]).to_csv(manifest, index=False)
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--model_uri", f"runs:/{run.info.run_id}/model", "--manifest", str(manifest)]))
+    ev = last_run("evaluate")
+    assert ev.data.metrics["test_unreadable"] == 2
+    assert ev.data.metrics["test_size"] == len(test)
+    preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=ev.info.run_id, artifact_path="predictions.csv",
+                                                            dst_path=str(tmp_path / "p")))
+    errors = dict(zip(preds["image_id"], preds["error"]))
+    assert "cannot decode" in errors["bad1"] or "not an image" in errors["bad1"]
+    assert "cannot read" in errors["bad2"]
