@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export GIT_PYTHON_REFRESH = quiet
 
-.PHONY: venv test test-all demo bench clean file-list
+.PHONY: venv test test-all demo bench clean file-list tracking-server tracking-server-stop
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ demo: venv          ## the whole pipeline on generated bins, offline
 file-list: venv     ## rebuild the committed file_list.json from the ABID label index
 	PATH=$(CURDIR)/$(BIN):$$PATH mlflow run . -e select --env-manager local \
 	  -P labels=../shared/abid-labels/expected_quantity.csv -P output=file_list.json
+
+tracking-server: venv  ## mlflow server on 127.0.0.1:5000 over PostgreSQL (.tracking/); prints the URI to export
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/tracking_server.sh start .tracking 5000
+
+tracking-server-stop:
+	scripts/tracking_server.sh stop .tracking
 
 clean:
 	rm -rf mlruns mlflow.db data .pytest_cache
