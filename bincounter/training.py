@@ -75,11 +75,12 @@ TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze")
 
 
 def setup_device() -> torch.device:
-    """CUDA when present; on CPU use every core for the math (data workers mostly wait on it)."""
+    """CUDA when present; on CPU every core does the math (data workers mostly wait on it) unless
+    OMP_NUM_THREADS says otherwise (e.g. several trainings sharing a machine)."""
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
         return torch.device("cuda")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return torch.device("cpu")
 
 

@@ -1,0 +1,294 @@
+"""Hyperparameter search: hyperopt TPE over SEARCH_SPACE, one nested MLflow child run per trial.
+
+`search` runs inside the active (parent) MLflow run. Each trial trains with `training.train_run` (the train
+step's own fit loop, without checkpoints) on a stratified subset of the train split and is scored on the
+validation split only. A trial that raises (NaN loss, out of memory, ...) becomes a FAILED child run with the
+tag `bincounter.failure_reason`, counts as hyperopt STATUS_FAIL (never the best) and the search goes on.
+
+Parent run artifacts: `search_space.json` (SEARCH_SPACE as declared here), `trials.json` (every finished
+trial, rewritten after each one), `trials.png` (the metric over trials). Parent params `best_<name>` for
+each tunable (what `train -P hpo_run_id=...` reads), metric `best_<metric>`, tag `best_run_id`.
+
+Resume: rerun into the same parent run with the same parameters (`mlflow run . -e hpo --run-id <parent>
+-P ...`, which sets MLFLOW_RUN_ID; in-process: `MLFLOW_RUN_ID=<parent>`). `search` rebuilds hyperopt's
+Trials from the parent's `trials.json` (plain JSON, no unpickling), advances the random generator past the
+trials already drawn, and runs only the remaining ones: the trial parameters are the same as an
+uninterrupted search's. A child run left RUNNING by the interruption is marked KILLED; its trial runs again.
+A rerun without `--run-id` is a new search from scratch.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen here or on servers
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from hyperopt import STATUS_FAIL, STATUS_OK, fmin, hp, tpe
+from hyperopt.base import JOB_STATE_DONE
+from hyperopt.exceptions import AllTrialsFailed
+from hyperopt.fmin import generate_trials_to_calculate, partial
+from mlflow.tracking import MlflowClient
+
+from bincounter import training  # called as training.train_run: tests replace it
+from bincounter.manifest import stratified_split
+from bincounter.training import TUNABLE, TrainConfig
+
+# The one declaration of the search space (logged as search_space.json). Keys are TrainConfig's tunables, so
+# every `best_<name>` the parent logs is one that the train step reads. Batch sizes are the seed's choices.
+SEARCH_SPACE = {
+    "lr": {"loguniform": [1e-4, 1e-1]},
+    "batch_size": {"choice": [32, 64, 128, 256, 512]},
+    "weight_decay": {"loguniform": [1e-6, 1e-2]},
+    "optimizer": {"choice": ["sgd", "adamw"]},  # sgd is SGD with Nesterov momentum 0.9 (training.make_optimizer)
+    "freeze": {"choice": [False, True]},  # True: train only the head
+}
+assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
+
+# Random trials before TPE starts modelling the results. hyperopt's default (20) is more than a usual search
+# here (max_evals 8), which would make it a pure random search. A constant, not a share of max_evals, so the
+# first trials of a search do not depend on how long it is.
+STARTUP_TRIALS = 5
+
+# The validation metrics train_run logs, and which way is better. Selection never looks at the test split.
+VAL_METRICS = {"val_loss": "min", "val_rmse": "min", "val_mae": "min",
+               "val_accuracy": "max", "val_within1_accuracy": "max"}
+
+TRIALS_FILE = "trials.json"
+KILL_ENV = "BINCOUNTER_FAULT_KILL_AFTER_TRIAL"  # fault injection for tests: SIGKILL after trial n is saved
+
+
+def hyperopt_space(space: dict = SEARCH_SPACE) -> dict:
+    """SEARCH_SPACE -> the hyperopt space (a dict of hp nodes)."""
+    out = {}
+    for name, spec in space.items():
+        (kind, arg), = spec.items()
+        if kind == "loguniform":
+            out[name] = hp.loguniform(name, math.log(arg[0]), math.log(arg[1]))
+        elif kind == "choice":
+            out[name] = hp.choice(name, arg)
+        else:
+            raise ValueError(f"unknown kind {kind!r} for {name} in the search space")
+    return out
+
+
+def to_params(vals: dict, space: dict = SEARCH_SPACE) -> dict:
+    """hyperopt's raw values (an index for a choice) -> plain Python values in TrainConfig's types."""
+    out = {}
+    for name, spec in space.items():
+        (kind, arg), = spec.items()
+        v = vals[name]
+        out[name] = arg[int(v)] if kind == "choice" else float(v)
+    return out
+
+
+def to_vals(params: dict, space: dict = SEARCH_SPACE) -> dict:
+    """The inverse of to_params: plain values -> hyperopt's raw values."""
+    out = {}
+    for name, spec in space.items():
+        (kind, arg), = spec.items()
+        out[name] = arg.index(params[name]) if kind == "choice" else float(params[name])
+    return out
+
+
+def direction(metric: str) -> str:
+    """'min' or 'max' for a validation metric; ValueError for anything else (test_* included)."""
+    if metric not in VAL_METRICS:
+        raise ValueError(f"metric must be a validation metric, one of {sorted(VAL_METRICS)}; got {metric!r} "
+                         "(the search selects on validation only; the test split is for the final evaluation)")
+    return VAL_METRICS[metric]
+
+
+def check_options(metric: str, max_evals: int, subset: float) -> str:
+    """ValueError for a bad search option (call it before opening a run) -> the metric's direction."""
+    if max_evals < 1:
+        raise ValueError(f"max_evals must be at least 1, got {max_evals}")
+    if not 0 < subset <= 1:
+        raise ValueError(f"subset must be in (0, 1], got {subset}")
+    return direction(metric)
+
+
+def train_subset(train_df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The trials' training rows: `fraction` of each count class (seeded), the same for every trial."""
+    if fraction >= 1:
+        return train_df
+    sub = stratified_split(train_df, (fraction, 0.0, 1 - fraction), seed)["train"]
+    if sub.empty:
+        raise ValueError(f"subset {fraction} of {len(train_df)} training images is empty; raise subset")
+    return sub
+
+
+def _objective(value: float, mode: str) -> float:
+    return value if mode == "min" else -value  # hyperopt minimises
+
+
+def run_trial(number: int, params: dict, make_config: Callable[[dict], TrainConfig], train_df, val_df,
+              metric: str) -> dict:
+    """Train one trial in a nested child run. -> {"status": "ok"|"fail", "value", "run_id", "reason"}.
+    Any exception is recorded (child FAILED, tag bincounter.failure_reason), not raised."""
+    child = mlflow.start_run(run_name=f"trial-{number}", nested=True,
+                             tags={"bincounter.step": "hpo_trial", "bincounter.trial": str(number)})
+    out = {"status": STATUS_FAIL, "value": None, "run_id": child.info.run_id, "reason": ""}
+    try:
+        mlflow.log_params({**{f"hp_{k}": v for k, v in params.items()}, **params})
+        result = training.train_run(make_config(params), train_df, val_df, resume=False, checkpoint=False)
+        value = float(result["best"][metric])
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{metric} is {value}")
+        out.update(status=STATUS_OK, value=value)
+    except Exception as e:  # noqa: BLE001 -- a bad trial must not end the search
+        out["reason"] = f"{type(e).__name__}: {e}"[:1000]
+        mlflow.set_tag("bincounter.failure_reason", out["reason"])
+    except BaseException:  # Ctrl-C and the like: stop the search, but do not leave the child RUNNING
+        mlflow.set_tag("bincounter.failure_reason", "interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    finally:
+        if torch.cuda.is_available():  # free a failed trial's memory before the next one
+            gc.collect()
+            torch.cuda.empty_cache()
+    mlflow.end_run("FINISHED" if out["status"] == STATUS_OK else "FAILED")
+    return out
+
+
+def load_trials(run_id: str) -> dict | None:
+    """The parent run's trials.json, or None when it has none (a new search)."""
+    if not any(f.path == TRIALS_FILE for f in MlflowClient().list_artifacts(run_id)):
+        return None
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{TRIALS_FILE}"))
+
+
+def rebuild_trials(records: list[dict]):
+    """Finished trial records -> a hyperopt Trials holding them as done (tids 0..n-1, in order)."""
+    trials = generate_trials_to_calculate([r["vals"] for r in records])  # as points still to evaluate...
+    trials.new_trial_ids(len(records))  # ...so reserve their tids (fmin numbers new trials after them)
+    trials.refresh()
+    for doc, r in zip(trials.trials, records):  # ...and mark them done with their results
+        doc["state"] = JOB_STATE_DONE
+        doc["result"] = {"status": STATUS_OK, "loss": r["loss"]} if r["status"] == STATUS_OK else {"status": STATUS_FAIL}
+    trials.refresh()
+    return trials
+
+
+def _mark_stale_children(parent_id: str, experiment_id: str, done: set[str]) -> None:
+    """Child runs left RUNNING by an interrupted search -> KILLED (their trials run again)."""
+    client = MlflowClient()
+    for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        if r.info.status == "RUNNING" and r.info.run_id not in done:
+            client.set_tag(r.info.run_id, "bincounter.failure_reason", "interrupted; the resumed search reruns it")
+            client.set_terminated(r.info.run_id, "KILLED")
+
+
+def plot_trials(records: list[dict], metric: str, mode: str):
+    """Trial records -> a figure of the metric per trial, the running best, and failed trials as red x."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ok = [r for r in records if r["status"] == STATUS_OK]
+    values = [r["value"] for r in ok]
+    better = min if mode == "min" else max
+    ax.plot([r["number"] for r in ok], values, "o", label="trial")
+    ax.step([r["number"] for r in ok], [better(values[:i + 1]) for i in range(len(values))], where="post",
+            label=f"best so far ({mode})")
+    failed = [r["number"] for r in records if r["status"] != STATUS_OK]
+    if failed:  # drawn at the worst finished value: they count as worse than any
+        worst = (max if mode == "min" else min)(values) if values else 0.0
+        ax.plot(failed, [worst] * len(failed), "rx", markersize=10, label="failed")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} over trials")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, val_df: pd.DataFrame, *,
+           metric: str = "val_loss", max_evals: int = 8, subset: float = 1.0, seed: int = 42,
+           settings: dict | None = None) -> dict:
+    """Run (or resume) the search in the active MLflow run.
+
+    make_config(draws) -> the TrainConfig of a trial (fixed settings + the drawn tunables).
+    settings: everything that decides the trials (the step's parameters); a resumed run must have the same.
+    -> {"params": best tunables, "value": best metric value, "run_id": best child run, "trials": records}.
+    """
+    mode = check_options(metric, max_evals, subset)
+    parent = mlflow.active_run()
+    parent_id = parent.info.run_id
+    sub = train_subset(train_df, subset, seed)
+    settings = json.loads(json.dumps({**(settings or {}), "metric": metric, "max_evals": max_evals,
+                                      "subset": subset, "seed": seed, "space": SEARCH_SPACE,
+                                      "startup_trials": STARTUP_TRIALS}))
+
+    saved = load_trials(parent_id)
+    if saved and saved["search"] != settings:
+        diff = sorted(k for k in set(settings) | set(saved["search"]) if settings.get(k) != saved["search"].get(k))
+        raise ValueError(f"run {parent_id} holds a search with other settings ({', '.join(diff)}): rerun it with "
+                         "the same parameters, or start a new run")
+    records: list[dict] = saved["trials"] if saved else []
+
+    def save() -> None:  # written before the first trial too: a rerun with other settings is refused even then
+        mlflow.log_text(json.dumps({"search": settings, "trials": records}, indent=2), TRIALS_FILE)
+
+    save()
+    _mark_stale_children(parent_id, parent.info.experiment_id, {r["run_id"] for r in records})
+    mlflow.log_text(json.dumps({"space": SEARCH_SPACE, "algorithm": "tpe", "startup_trials": STARTUP_TRIALS},
+                               indent=2), "search_space.json")
+    mlflow.log_metric("train_size", len(sub))
+    if records:
+        print(f"hpo: resuming run {parent_id}: {len(records)} of {max_evals} trials done")
+    else:
+        print(f"hpo: run {parent_id}; after an interruption resume with `mlflow run . -e hpo --run-id {parent_id}` "
+              "and the same parameters")
+
+    def objective(draw: dict) -> dict:
+        number = len(records) + 1
+        params = to_params(to_vals(draw))  # plain Python types, validated against the space
+        out = run_trial(number, params, make_config, sub, val_df, metric)
+        loss = _objective(out["value"], mode) if out["status"] == STATUS_OK else None
+        records.append({"number": number, "run_id": out["run_id"], "status": out["status"], "params": params,
+                        "vals": to_vals(params), "value": out["value"], "loss": loss, "reason": out["reason"]})
+        save()
+        if out["status"] == STATUS_OK:
+            mlflow.log_metric(f"trial_{metric}", out["value"], step=number)
+        ok = [r["value"] for r in records if r["status"] == STATUS_OK]
+        best = f"{(min if mode == 'min' else max)(ok):.4g}" if ok else "none yet"
+        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        result = f"{metric}={out['value']:.4g}" if out["status"] == STATUS_OK else f"FAILED ({out['reason'][:120]})"
+        print(f"hpo: trial {number}/{max_evals} {shown} -> {result}; best {best}", flush=True)
+        if os.environ.get(KILL_ENV) == str(number):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"status": out["status"], "loss": loss} if out["status"] == STATUS_OK else {"status": STATUS_FAIL}
+
+    rstate = np.random.default_rng(seed)
+    for _ in records:  # fmin draws one integer per suggested trial: skip those of the finished trials
+        rstate.integers(2**31 - 1)
+    if len(records) < max_evals:
+        try:
+            fmin(objective, hyperopt_space(), algo=partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS),
+                 max_evals=max_evals, trials=rebuild_trials(records), rstate=rstate, show_progressbar=False)
+        except AllTrialsFailed:  # raised after the last trial; reported below with the reasons
+            pass
+
+    mlflow.log_figure(plot_trials(records, metric, mode), "trials.png")
+    plt.close("all")
+    ok = [r for r in records if r["status"] == STATUS_OK]
+    if not ok:
+        raise RuntimeError(f"all {len(records)} trials failed; see the child runs' bincounter.failure_reason "
+                           f"(first: {records[0]['reason'] if records else 'none'})")
+    best = min(ok, key=lambda r: r["loss"])
+    mlflow.log_params({f"best_{k}": v for k, v in best["params"].items()})
+    mlflow.log_metric(f"best_{metric}", best["value"])
+    mlflow.set_tag("best_run_id", best["run_id"])
+    print(f"hpo: best trial {best['number']} (run {best['run_id']}) {metric}={best['value']:.4g} {best['params']}")
+    return {"params": best["params"], "value": best["value"], "run_id": best["run_id"], "trials": records}
+

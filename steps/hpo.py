@@ -1,0 +1,65 @@
+"""hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer and freeze (bincounter.hpo.SEARCH_SPACE).
+
+Reads: a FINISHED split run's `splits/train.csv` (a stratified `subset` of it per trial), `splits/val.csv` (the
+selection metric) and `classes`; never the test split.
+Logs: one nested child run per trial (params hp_* and plain names, per-epoch metrics; FAILED with tag
+`bincounter.failure_reason` when the trial fails), `search_space.json`, `trials.json` (after every trial),
+`trials.png`, params `best_lr`, `best_batch_size`, `best_weight_decay`, `best_optimizer`, `best_freeze` (what
+`train -P hpo_run_id=...` reads), metric `best_<metric>`, tag `best_run_id`.
+Resume: rerun into the same run with the same parameters (`mlflow run . -e hpo --run-id <id> -P ...`); the
+finished trials are kept and only the remaining ones run.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import mlflow
+
+from bincounter import hpo
+from bincounter.runs import start_step, whole
+from steps import train
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split_run_id", required=True)
+    p.add_argument("--max_evals", type=whole, default=8, help="number of trials")
+    p.add_argument("--epochs", type=whole, default=1, help="epochs per trial")
+    p.add_argument("--subset", type=float, default=1.0, help="fraction of the train split per trial (stratified, seeded)")
+    p.add_argument("--metric", default="val_loss", help=f"selection metric, one of {sorted(hpo.VAL_METRICS)}")
+    # the train step's fixed parameters, passed through to every trial
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--image_size", type=whole, default=224)
+    p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
+    p.add_argument("--workers", type=whole, default=2)
+    p.add_argument("--seed", type=whole, default=42, help="seeds the search (same seed, same trials) and training")
+    return p
+
+
+# the train step's parameters that every trial takes from this step
+FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "seed")
+
+
+def main(args: argparse.Namespace) -> str:
+    hpo.check_options(args.metric, args.max_evals, args.subset)  # bad parameters fail before a run is opened
+    with tempfile.TemporaryDirectory() as tmp:
+        classes, train_df, val_df = train.load_split(args.split_run_id, tmp)
+        # a trial is configured exactly as the train step would be with these fixed parameters and its draws
+        train_args = train.get_args_parser().parse_args([f"--{k}={getattr(args, k)}" for k in FIXED])
+        train.config_from(train_args, classes)  # validates the fixed parameters
+
+        def make_config(draws: dict):
+            return train.config_from(train_args, classes, **draws)
+
+        with start_step("hpo", args) as run:
+            mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
+            hpo.search(make_config, train_df, val_df, metric=args.metric, max_evals=args.max_evals,
+                       subset=args.subset, seed=args.seed,
+                       settings={k: v for k, v in vars(args).items() if k != "workers"})  # workers: speed only
+            return run.info.run_id
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
