@@ -1,0 +1,53 @@
+"""register: register a trained model as a version of `name` and run the promotion gate.
+
+Reads: `run_id` (a train run, or an evaluate run) or, when empty, the best FINISHED evaluate run of the
+experiment by `metric`; see bincounter/registry.py for the rules.
+Logs: tags `bincounter.registered_model`, `bincounter.version`, `bincounter.verdict` (champion | challenger)
+and `bincounter.gate_reason`; the version gets alias `challenger` and, through the gate (or `force`),
+`champion` (plus `stage` when given); the version's tag `gate` says why.
+"""
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from bincounter import registry
+from bincounter.runs import start_step, str2bool
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_id", default="", help="train or evaluate run; empty: the best evaluate run by metric")
+    p.add_argument("--metric", default="test_accuracy", help="gate metric (min for *rmse/*mae/*loss, else max)")
+    p.add_argument("--name", default="bin-counter", help="registered model name")
+    p.add_argument("--min_delta", type=float, default=0.0, help="how much better than the champion a version must be")
+    p.add_argument("--force", type=str2bool, default=False, help="make the version champion whatever the gate says")
+    p.add_argument("--stage", default="", help="also transition the new champion to this stage (e.g. Production)")
+    return p
+
+
+def main(args: argparse.Namespace) -> str:
+    if args.stage not in registry.STAGES:
+        raise ValueError(f"stage must be one of {registry.STAGES[1:]} or empty, got {args.stage!r}")
+    if args.min_delta < 0:
+        raise ValueError(f"min_delta must be >= 0, got {args.min_delta}")
+    if not args.metric:
+        raise ValueError("metric must not be empty")
+    with start_step("register", args) as run:
+        candidate = registry.choose(args.run_id, args.metric, run.info.experiment_id)
+        mv = registry.register(candidate, args.name)
+        promote, reason = registry.gate(args.name, mv, candidate, args.metric, args.min_delta, args.force)
+        if promote:
+            registry.set_champion(args.name, mv.version, args.stage)
+        MlflowClient().set_model_version_tag(args.name, mv.version, "gate", reason)
+        verdict = registry.CHAMPION if promote else registry.CHALLENGER
+        mlflow.set_tags({"bincounter.registered_model": args.name, "bincounter.version": mv.version,
+                         "bincounter.verdict": verdict, "bincounter.gate_reason": reason})
+        print(f"register: {args.name} version {mv.version} from run {candidate.run_id} is {verdict}: {reason}")
+        return run.info.run_id
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

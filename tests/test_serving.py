@@ -1,0 +1,177 @@
+"""`mlflow models serve` of the registered champion, over real HTTP: counts for good requests, a clear 4xx for
+each kind of bad one, and a server that keeps serving."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest_serving import CLASSES, build_tiny_model
+from mlflow.tracking import MlflowClient
+
+from bincounter import serving
+from bincounter.transforms import MAX_BYTES
+
+SERVED = "bin-counter-served"  # not `bin-counter`: other test modules register that name in the same store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    """`mlflow models serve -m models:/<SERVED>@champion` on a free loopback port, one uvicorn worker."""
+    tiny = build_tiny_model(store / "tiny-model")
+    mv = mlflow.register_model(tiny.model_uri, SERVED)
+    MlflowClient().set_registered_model_alias(SERVED, "champion", mv.version)
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # uvicorn is in the venv
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{SERVED}@champion",
+                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/ping", timeout=2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"no /ping after 180 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, tiny
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the mlflow CLI and the uvicorn it started
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/invocations", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def split_request(images: list[bytes], column: str = "image") -> dict:
+    return {"dataframe_split": {"columns": [column], "data": [[base64.b64encode(b).decode()] for b in images]}}
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A valid 1-bit PNG declaring side x side pixels: about 50 KB on the wire, 400 MP decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def good_images(tiny, n: int = 2) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(tiny.images.glob("*.jpg"))[:n]]
+
+
+def test_counts_a_dataframe_split_request(server):
+    url, tiny = server
+    status, out = post(url, split_request(good_images(tiny)))
+    assert status == 200, out
+    preds = out["predictions"]
+    assert len(preds) == 2
+    for p in preds:
+        probs = [p[f"p_{c}"] for c in CLASSES]
+        assert p["count"] in CLASSES and p["count"] == CLASSES[probs.index(max(probs))]
+        assert p["confidence"] == pytest.approx(max(probs)) and sum(probs) == pytest.approx(1, abs=1e-4)
+
+
+def test_inputs_and_instances_requests_count_the_same(server):
+    url, tiny = server
+    image = good_images(tiny, 1)
+    text = base64.b64encode(image[0]).decode()
+    _, split = post(url, split_request(image))
+    for body in ({"inputs": {"image": [text]}}, {"instances": [{"image": text}]}):
+        status, out = post(url, body)
+        assert status == 200, out
+        assert out["predictions"][0]["count"] == split["predictions"][0]["count"]
+
+
+def _bad_requests(tiny) -> dict:
+    jpeg = good_images(tiny, 1)[0]
+    return {
+        "not an image": (split_request([b"GIF? no, plain text"]), "application/json", "not an image"),
+        "truncated jpeg": (split_request([jpeg[: len(jpeg) // 2]]), "application/json", "truncated"),
+        "empty body": (b"", "application/json", "valid JSON"),
+        "no rows": ({"dataframe_split": {"columns": ["image"], "data": []}}, "application/json", "no images"),
+        "wrong column": (split_request([jpeg], column="photo"), "application/json", "missing inputs ['image']"),
+        "not base64": ({"dataframe_split": {"columns": ["image"], "data": [["not-base64!"]]}}, "application/json", "base64"),
+        "decompression bomb": (split_request([png_bomb()]), "application/json", "decompression bomb"),
+        "oversized": (split_request([b"\xff\xd8\xff" + bytes(MAX_BYTES)]), "application/json",
+                      f"over the {MAX_BYTES}-byte limit"),
+        "not json": (b"{images: [", "application/json", "valid JSON"),
+        "wrong content type": (b"hello", "text/plain", "content types"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not an image", "truncated jpeg", "empty body", "no rows", "wrong column",
+                                  "not base64", "decompression bomb", "oversized", "not json", "wrong content type"])
+def test_a_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, case):
+    url, tiny = server
+    body, content_type, message = _bad_requests(tiny)[case]
+    status, out = post(url, body, content_type)
+    assert 400 <= status < 500, (status, out)
+    assert message in (out["message"] if isinstance(out, dict) else out)
+    status, out = post(url, split_request(good_images(tiny, 1)))
+    assert status == 200 and len(out["predictions"]) == 1
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["BINCOUNTER_EXPLOIT_MARKER"]),))
+
+
+def test_the_served_model_holds_no_pickle_and_refuses_pickled_code(store, tmp_path, monkeypatch):
+    tiny = build_tiny_model(store / "tiny-model")
+    local = Path(mlflow.artifacts.download_artifacts(tiny.model_uri, dst_path=str(tmp_path / "model")))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
+    model_dir = next(local.rglob(serving.CONFIG_FILE)).parent
+    serving.BinCounter.from_dir(model_dir)  # the real weights load with weights_only=True
+
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("BINCOUNTER_EXPLOIT_MARKER", str(marker))
+    (model_dir / "weights.pt").write_bytes(pickle.dumps(_Exploit(), protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        serving.BinCounter.from_dir(model_dir)
+    assert not marker.exists()
