@@ -15,16 +15,19 @@ COLUMNS = ["image_id", "count", "path", "sha256", "width", "height", "source"]
 REJECT_COLUMNS = ["image_id", "reason", "detail"]
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part.
+    `fsync=False` skips forcing the data to disk: still all-or-nothing when the process is killed, not after a
+    power cut; for files checked when they are read (the ingest cache verifies each file's sha256)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

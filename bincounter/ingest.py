@@ -1,0 +1,228 @@
+"""Ingest: fetch each listed image from a source, verify it, cache a resized copy, and tell good from bad.
+
+The cache (`cache_dir`, `data/` by default) is content-addressed and shared by all sources:
+  images/<sha[:2]>/<sha>-<size>.jpg           the image, short side `size`, RGB JPEG; sha = sha256 of the original
+  records/<source tag>-<size>/<image_id>.json  the image's manifest row, its metadata count and the cached file's
+                                               own sha256, written (atomically) after the cached file
+A record whose cached file is present and intact means "done": a rerun fetches nothing for that image, and a
+run killed at any moment resumes where it stopped. Bad items become rejects (a reason code and a message);
+they never stop the run.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from bincounter import abid
+from bincounter.manifest import COLUMNS, REJECT_COLUMNS, atomic_write_bytes
+from bincounter.sources import MissingObject, SourceError
+
+REASONS = ["missing_image", "not_an_image", "corrupt_image", "bad_metadata", "unknown_count", "count_mismatch",
+           "count_out_of_range", "fetch_error"]
+JPEG_QUALITY = 90
+RECORD_KEYS = {*COLUMNS, "cache_sha256", "metadata_count"}
+
+
+class Reject(Exception):
+    """A bad item: `reason` is one of REASONS, `detail` names the object and what is wrong with it."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Cache:
+    """Paths and records of the cache at `root` for images of short side `image_size` from the source `tag`."""
+
+    def __init__(self, root: str | Path, image_size: int, tag: str):
+        self.root = Path(root).resolve()
+        self.image_size = image_size
+        self.records = self.root / "records" / f"{tag}-{image_size}"
+
+    def image_path(self, sha: str) -> Path:
+        return self.root / "images" / sha[:2] / f"{sha}-{self.image_size}.jpg"
+
+    def record_path(self, image_id: str) -> Path:
+        return self.records / f"{image_id}.json"
+
+    def read_record(self, image_id: str) -> dict | None:
+        """The image's record, or None when there is none or it is unreadable or incomplete."""
+        try:
+            rec = json.loads(self.record_path(image_id).read_bytes())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(rec, dict) and rec.keys() >= RECORD_KEYS and rec["image_id"] == image_id
+        return rec if ok else None
+
+    def intact(self, rec: dict) -> bool:
+        """Whether the record's cached file exists and still has the sha256 written down when it was made."""
+        try:
+            return sha256(self.image_path(rec["sha256"]).read_bytes()) == rec["cache_sha256"]
+        except OSError:
+            return False
+
+    def row(self, rec: dict) -> dict:
+        """A record's manifest row, its path in this cache (which may have moved since)."""
+        return {**{c: rec[c] for c in COLUMNS}, "path": str(self.image_path(rec["sha256"]))}
+
+    def store(self, row: dict, image: bytes, metadata_count: int | None) -> dict:
+        """Write the cached image, then its record (in that order, both atomic). Returns the manifest row.
+        No fsync: a file torn by a power cut fails its sha256 check (or its record does not parse) and is redone."""
+        path = self.image_path(row["sha256"])
+        atomic_write_bytes(path, image, fsync=False)
+        row = dict(row, path=str(path))
+        rec = dict(row, cache_sha256=sha256(image), metadata_count=metadata_count)
+        atomic_write_bytes(self.record_path(row["image_id"]), json.dumps(rec).encode(), fsync=False)
+        return row
+
+
+def decode(data: bytes, name: str) -> Image.Image:
+    """Bytes -> a fully decoded PIL image. A truncated or broken file raises Reject (truncated images are not
+    tolerated: PIL's LOAD_TRUNCATED_IMAGES stays off)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds on hostile input
+        # PIL says "unidentified" for a broken JPEG header too: the JPEG start marker tells the two apart
+        if isinstance(e, UnidentifiedImageError) and data[:2] != b"\xff\xd8":
+            raise Reject("not_an_image", f"{name}: not an image ({len(data)} bytes starting {data[:12]!r})") from None
+        raise Reject("corrupt_image", f"{name}: unreadable image header ({len(data)} bytes; "
+                                      f"{type(e).__name__}: {e})") from None
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001
+        raise Reject("corrupt_image", f"{name}: {img.format} {img.width}x{img.height} does not decode "
+                                      f"({type(e).__name__}: {e})") from None
+    return img
+
+
+def resized_jpeg(img: Image.Image, data: bytes, image_size: int) -> bytes:
+    """The cache's copy: short side `image_size`, RGB JPEG quality 90. An RGB JPEG already that size is kept
+    as it is (no second compression; synthetic images are drawn at the cache size)."""
+    w, h = img.size
+    if img.format == "JPEG" and img.mode == "RGB" and min(w, h) == image_size:
+        return data
+    scale = image_size / min(w, h)
+    size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+    # bilinear (antialiased when shrinking) like torchvision's Resize; reducing_gap shrinks big images fast
+    small = img.convert("RGB").resize(size, Image.BILINEAR, reducing_gap=3.0)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def resolve_count(image_id: str, listed: int | None, metadata_count: int | None, metadata_name: str) -> int:
+    """The image's count: its metadata's EXPECTED_QUANTITY if it has metadata, else the file list's count."""
+    if metadata_count is None and listed is None:
+        raise Reject("unknown_count", f"{image_id}: no metadata and no count in the file list")
+    if metadata_count is not None and listed is not None and metadata_count != listed:
+        raise Reject("count_mismatch", f"{metadata_name} says EXPECTED_QUANTITY {metadata_count}, "
+                                       f"the file list puts {image_id} under count {listed}")
+    return listed if metadata_count is None else metadata_count
+
+
+class _Worker:
+    """Ingests one image at a time (called from many threads; keeps no per-image state)."""
+
+    def __init__(self, source, cache: Cache, count_range: tuple[int, int]):
+        self.source = source
+        self.cache = cache
+        self.count_range = count_range
+
+    def __call__(self, image_id: str, listed: int | None) -> tuple[dict | None, Reject | None, int, bool]:
+        """-> (manifest row or None, Reject or None, objects fetched, whether the cache answered)."""
+        fetched = 0
+        try:
+            rec = self.cache.read_record(image_id)
+            if rec is not None:  # the record remembers the metadata: no need to fetch it again
+                metadata_count = rec["metadata_count"]
+            else:
+                raw = self._metadata(image_id)
+                fetched += raw is not None
+                metadata_count = None if raw is None else self._parse(raw, image_id)
+            count = self._count(image_id, listed, metadata_count)
+            if rec is not None and rec["count"] == count and self.cache.intact(rec):
+                return self.cache.row(rec), None, fetched, True
+            data = self._image(image_id)
+            fetched += 1
+            return self._store(image_id, count, data, metadata_count), None, fetched, False
+        except Reject as r:
+            return None, r, fetched, False
+
+    def _count(self, image_id: str, listed: int | None, metadata_count: int | None) -> int:
+        count = resolve_count(image_id, listed, metadata_count, self.source.where(abid.metadata_key(image_id)))
+        lo, hi = self.count_range
+        if not lo <= count <= hi:
+            raise Reject("count_out_of_range", f"{image_id}: count {count} is outside count_min..count_max {lo}..{hi}")
+        return count
+
+    def _store(self, image_id: str, count: int, data: bytes, metadata_count: int | None) -> dict:
+        """Verify the original, cache its resized copy and record it -> the manifest row."""
+        name = self.source.where(abid.image_key(image_id))
+        img = decode(data, name)
+        row = {"image_id": image_id, "count": count, "sha256": sha256(data), "width": img.width,
+               "height": img.height, "source": name}
+        return self.cache.store(row, resized_jpeg(img, data, self.cache.image_size), metadata_count)
+
+    def _metadata(self, image_id: str) -> bytes | None:
+        try:
+            return self.source.get_metadata(image_id)
+        except (SourceError, OSError) as e:
+            name = self.source.where(abid.metadata_key(image_id))
+            raise Reject("bad_metadata", f"{name}: unreadable ({e})") from None
+
+    def _parse(self, raw: bytes, image_id: str) -> int:
+        try:
+            return abid.parse_metadata(raw, self.source.where(abid.metadata_key(image_id)))
+        except abid.MetadataError as e:
+            raise Reject("bad_metadata", str(e)) from None
+
+    def _image(self, image_id: str) -> bytes:
+        try:
+            return self.source.get_image(image_id)
+        except MissingObject as e:
+            raise Reject("missing_image", str(e)) from None
+        except SourceError as e:
+            raise Reject("fetch_error", str(e)) from None
+
+
+def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_size: int, count_range: tuple[int, int],
+           workers: int, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """{image_id: count from the file list, or None} and a source -> (manifest, rejects, stats).
+
+    Both tables are sorted by image_id. stats: ingested, rejected, rejected_<reason> for every reason,
+    count_<c> for every count in the range, downloaded (objects read from the source this run: images and
+    metadata; drawn images for the synthetic source) and cache_hits."""
+    cache = Cache(cache_dir, image_size, source.tag)
+    work = _Worker(source, cache, count_range)
+    rows, rejects = [], []
+    stats = {"downloaded": 0, "cache_hits": 0}
+    with ThreadPoolExecutor(workers) as ex, tqdm(total=len(items), desc=f"ingest {source.tag}", unit="img",
+                                                 disable=not progress) as bar:
+        futures = {ex.submit(work, image_id, listed): image_id for image_id, listed in items.items()}
+        for f in as_completed(futures):
+            row, reject, fetched, hit = f.result()
+            stats["downloaded"] += fetched
+            stats["cache_hits"] += hit
+            if row is not None:
+                rows.append(row)
+            else:
+                rejects.append({"image_id": futures[f], "reason": reject.reason, "detail": reject.detail})
+            bar.update()
+    manifest = pd.DataFrame(rows, columns=COLUMNS).sort_values("image_id", ignore_index=True)
+    rejected = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("image_id", ignore_index=True)
+    stats.update(ingested=len(manifest), rejected=len(rejected))
+    stats.update({f"rejected_{r}": int((rejected["reason"] == r).sum()) for r in REASONS})
+    stats.update({f"count_{c}": int((manifest["count"] == c).sum()) for c in range(count_range[0], count_range[1] + 1)})
+    return manifest, rejected, stats

@@ -1,0 +1,230 @@
+"""Where image and metadata bytes come from: the ABID bucket on S3, a local folder in the bucket's layout, or
+the synthetic bin generator.
+
+Every source has `tag` (names its records in the cache: the same image id from two sources never mixes),
+`dataset_source` (where the manifest's data came from, for mlflow.data), `where(key)` (names an object in
+messages and in the manifest's `source` column), `get_image(image_id) -> bytes` (raises MissingObject when there
+is no such image) and `get_metadata(image_id) -> bytes | None` (None when the image has no metadata).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from mlflow.data.code_dataset_source import CodeDatasetSource
+
+from bincounter import abid, synthetic
+
+# Error codes S3 answers for a key that is not there; never retried.
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# Error codes worth another try: throttling and server-side trouble (botocore retries these too; ours is the
+# outer layer that also covers a body that breaks off while it is being read).
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException"}
+
+
+class MissingObject(LookupError):
+    """The source has no such object (S3 404 / NoSuchKey, or no such file)."""
+
+
+class SourceError(RuntimeError):
+    """An object could not be fetched (after retries, or an error that retrying cannot fix)."""
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+class S3Source:
+    """Anonymous (unsigned) reads from an ABID-layout bucket; `endpoint_url` points at another S3 (e.g. moto).
+
+    One boto3 client is shared by all threads (clients are thread-safe); its pool holds `workers` connections.
+    """
+
+    def __init__(self, bucket: str = abid.BUCKET, endpoint_url: str | None = None, workers: int = 16,
+                 attempts: int = 4, backoff: float = 0.5):
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url or None
+        self.attempts = attempts
+        self.backoff = backoff
+        self.client = anonymous_client(self.endpoint_url, workers)
+        self.tag = f"s3-{bucket}-{short_hash(self.endpoint_url or 'aws')}"
+        self.dataset_source = f"{self.endpoint_url.rstrip('/')}/{bucket}" if self.endpoint_url else f"s3://{bucket}"
+
+    def where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def check(self) -> None:
+        """Fail at once, naming the parameter, when the bucket or endpoint is wrong (rather than rejecting
+        every image after its retries). A bucket that refuses listing but serves objects passes."""
+        where = f"at {self.endpoint_url}" if self.endpoint_url else "on AWS"
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=abid.IMAGE_PREFIX, MaxKeys=1)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                raise ValueError(f"bucket: there is no bucket {self.bucket!r} {where}") from None
+            if code not in ("AccessDenied", "403"):
+                raise ValueError(f"bucket: cannot read bucket {self.bucket!r} {where}: {e}") from None
+        except BotoCoreError as e:
+            raise ValueError(f"endpoint_url: cannot reach S3 {where}: {e}") from None
+
+    def get_image(self, image_id: str) -> bytes:
+        return self._get(abid.image_key(image_id))
+
+    def get_metadata(self, image_id: str) -> bytes | None:
+        try:
+            return self._get(abid.metadata_key(image_id))
+        except MissingObject:
+            return None
+
+    def _get(self, key: str) -> bytes:
+        """The whole object `key`; retries transient errors with exponential back-off and jitter."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code in _MISSING_CODES:
+                    raise MissingObject(f"s3://{self.bucket}/{key} does not exist") from None
+                if code not in _TRANSIENT_CODES or attempt == self.attempts:
+                    raise SourceError(f"s3://{self.bucket}/{key}: {e}") from None
+            except BotoCoreError as e:  # connection dropped, read timeout, body cut short
+                if attempt == self.attempts:
+                    raise SourceError(f"s3://{self.bucket}/{key}: {e} (after {attempt} tries)") from None
+            time.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+
+    def list_ids(self, prefix: str = abid.METADATA_PREFIX, suffix: str = ".json") -> list[str]:
+        """Image ids of every `prefix...suffix` key in the bucket (one LIST request per 1,000 keys)."""
+        ids = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            ids += [abid.id_from_key(o["Key"]) for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+        return ids
+
+
+def anonymous_client(endpoint_url: str | None, workers: int = 16):
+    """An unsigned S3 client (public buckets need no credentials) with botocore's standard retries."""
+    config = Config(signature_version=UNSIGNED, max_pool_connections=max(workers, 10),
+                    retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, region_name="us-east-1",
+                                          config=config)
+
+
+class LocalSource:
+    """A folder laid out like the bucket: `bin-images/<id>.jpg`, `metadata/<id>.json`, optionally `labels.csv`."""
+
+    def __init__(self, data_dir: str | Path):
+        self.root = Path(data_dir).resolve()
+        self.tag = f"local-{short_hash(str(self.root))}"
+        self.dataset_source = str(self.root)
+
+    def where(self, key: str) -> str:
+        return str(self.root / key)
+
+    def get_image(self, image_id: str) -> bytes:
+        try:
+            return (self.root / abid.image_key(image_id)).read_bytes()
+        except FileNotFoundError:
+            raise MissingObject(f"{self.where(abid.image_key(image_id))} does not exist") from None
+        except OSError as e:
+            raise SourceError(f"{self.where(abid.image_key(image_id))}: {e}") from None
+
+    def get_metadata(self, image_id: str) -> bytes | None:
+        path = self.root / abid.metadata_key(image_id)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def labels(self) -> dict[str, int | None]:
+        """Every image in bin-images/ whose count is known -> its count from labels.csv, or None where only
+        its metadata knows it (ingest reads that)."""
+        listed = {}
+        if (self.root / "labels.csv").exists():
+            listed = abid.read_label_index(self.root / "labels.csv")
+        ids = sorted(p.stem for p in (self.root / abid.IMAGE_PREFIX).glob("*.jpg"))
+        with_metadata = {p.stem for p in (self.root / abid.METADATA_PREFIX).glob("*.json")}
+        return {i: listed.get(i) for i in ids if i in listed or i in with_metadata}
+
+
+class SyntheticSource:
+    """Generated bins (bincounter.synthetic): image `syn<seed>-<i>` is draw_bin(count, item_seed(seed, i), size)
+    encoded as JPEG. The counts come with the item list (`labels`), not from metadata."""
+
+    def __init__(self, num_images: int, count_min: int, count_max: int, seed: int, size: int):
+        self.labels = dict(synthetic.synthetic_items(num_images, count_min, count_max, seed))
+        self.seed = seed
+        self.size = size
+        self.tag = f"synthetic-{seed}"
+        self.dataset_source = CodeDatasetSource(tags={"generator": "bincounter.synthetic", "seed": str(seed)})
+
+    def where(self, key: str) -> str:
+        return f"synthetic://seed={self.seed}/{key}"
+
+    def get_image(self, image_id: str) -> bytes:
+        if image_id not in self.labels:
+            raise MissingObject(f"{self.where(abid.image_key(image_id))} is not in this synthetic set")
+        index = int(image_id.rsplit("-", 1)[1])
+        img = synthetic.draw_bin(self.labels[image_id], synthetic.item_seed(self.seed, index), self.size)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    def get_metadata(self, image_id: str) -> bytes | None:
+        return None
+
+
+def scan_bucket_counts(quotas: dict[int, int], seed: int, endpoint_url: str | None, bucket: str = abid.BUCKET,
+                       workers: int = 16) -> dict[str, int]:
+    """{count: how many wanted} -> {image_id: count} read from the bucket's metadata: list `metadata/`, shuffle
+    the ids with `seed`, fetch metadata concurrently in that order until every quota is met or the ids run out.
+    Metadata that is missing or unreadable is skipped and counted in a warning."""
+    src = S3Source(bucket, endpoint_url, workers)
+    ids = sorted(src.list_ids())
+    random.Random(seed).shuffle(ids)
+    need = {c: n for c, n in quotas.items() if n > 0}
+    out: dict[str, int] = {}
+    bad: list[str] = []
+    lock = threading.Lock()
+
+    def fetch(image_id: str) -> int | None:
+        try:
+            raw = src.get_metadata(image_id)
+            if raw is None:
+                raise abid.MetadataError(f"s3://{bucket}/{abid.metadata_key(image_id)} disappeared")
+            return abid.parse_metadata(raw, f"s3://{bucket}/{abid.metadata_key(image_id)}")
+        except (abid.MetadataError, SourceError) as e:
+            with lock:
+                bad.append(str(e))
+            return None
+
+    # Batches keep the result deterministic (taken in shuffled order) while letting the scan stop early.
+    batch = workers * 8
+    with ThreadPoolExecutor(workers) as ex:
+        for start in range(0, len(ids), batch):
+            if not need:
+                break
+            chunk = ids[start:start + batch]
+            for image_id, count in zip(chunk, ex.map(fetch, chunk)):
+                if count in need:
+                    out[image_id] = count
+                    need[count] -= 1
+                    if need[count] == 0:
+                        del need[count]
+    if bad:
+        print(f"scan: skipped {len(bad)} images with bad metadata, e.g. {bad[0]}", file=sys.stderr)
+    if need:
+        print(f"scan: the bucket ran out of images for counts {sorted(need)} (still wanted {need})", file=sys.stderr)
+    return out

@@ -1,0 +1,157 @@
+"""ingest: fetch the listed images, verify them and cache resized copies; record which are good and which are bad.
+
+Reads: `file_list.json` (any source but synthetic; `--file_list all` takes every image of a local folder whose
+count its metadata or its labels.csv knows) and the images from `--source` s3 | local | synthetic.
+Logs: `manifest.csv` (image_id, count, path, sha256, width, height, source), `rejects.csv` (image_id, reason,
+detail), `samples.png` (a contact sheet of ingested images with their counts), the manifest as the run's
+dataset input (context `ingest`), metrics ingested, rejected, rejected_<reason>, count_<c>, downloaded,
+cache_hits. Images live in the cache (`--cache_dir`), see bincounter.ingest.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from PIL import Image
+
+from bincounter import abid, synthetic
+from bincounter.ingest import ingest
+from bincounter.manifest import write_csv
+from bincounter.runs import start_step, whole
+from bincounter.sources import LocalSource, S3Source, SyntheticSource
+
+SOURCES = ("s3", "local", "synthetic")
+SAMPLES = 24  # images on the contact sheet
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ingest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="s3", help="s3 (the ABID bucket), local (a folder in its layout) or synthetic")
+    p.add_argument("--file_list", default="file_list.json", help="the file_list.json to ingest; 'all': every image of a local folder")
+    p.add_argument("--data_dir", default="", help="source=local: folder with bin-images/, metadata/ (and labels.csv)")
+    p.add_argument("--cache_dir", default="data", help="the local image cache")
+    p.add_argument("--bucket", default=abid.BUCKET)
+    p.add_argument("--endpoint_url", default="", help="S3 endpoint override (e.g. a local emulator)")
+    p.add_argument("--limit", type=whole, default=0, help="ingest only this many (a seeded random pick); 0 = all")
+    p.add_argument("--num_images", type=whole, default=1000, help="source=synthetic: how many bins to draw")
+    p.add_argument("--image_size", type=whole, default=256, help="short side of the cached images, pixels")
+    p.add_argument("--count_min", type=whole, default=1)
+    p.add_argument("--count_max", type=whole, default=5)
+    p.add_argument("--workers", type=whole, default=16, help="concurrent downloads")
+    p.add_argument("--seed", type=whole, default=42)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first bad parameter (before anything is fetched)."""
+    if args.source not in SOURCES:
+        raise ValueError(f"source: unknown source {args.source!r} (expected one of {', '.join(SOURCES)})")
+    if args.source == "local":
+        if not args.data_dir:
+            raise ValueError("data_dir: source=local needs data_dir, a folder with bin-images/ and metadata/")
+        if not Path(args.data_dir).is_dir():
+            raise ValueError(f"data_dir: {args.data_dir} does not exist or is not a folder")
+        if not (Path(args.data_dir) / abid.IMAGE_PREFIX).is_dir():
+            raise ValueError(f"data_dir: {args.data_dir} has no {abid.IMAGE_PREFIX} folder")
+    if args.file_list == "all" and args.source != "local":
+        raise ValueError(f"file_list: 'all' works only with source=local, not source={args.source}")
+    if args.count_min < 0:
+        raise ValueError(f"count_min: must be 0 or more, got {args.count_min}")
+    if args.count_min > args.count_max:
+        raise ValueError(f"count_min {args.count_min} is above count_max {args.count_max}")
+    if args.image_size < 32:
+        raise ValueError(f"image_size: must be at least 32 pixels, got {args.image_size}")
+    if args.workers < 1:
+        raise ValueError(f"workers: must be at least 1, got {args.workers}")
+    if args.limit < 0:
+        raise ValueError(f"limit: must be 0 (all) or more, got {args.limit}")
+    if args.source == "synthetic" and args.num_images < 1:
+        raise ValueError(f"num_images: must be at least 1, got {args.num_images}")
+    if args.seed < 0:
+        raise ValueError(f"seed: must be 0 or more, got {args.seed}")
+
+
+def make_source(args: argparse.Namespace):
+    if args.source == "s3":
+        return S3Source(args.bucket, args.endpoint_url or None, args.workers)
+    if args.source == "local":
+        return LocalSource(args.data_dir)
+    return SyntheticSource(args.num_images, args.count_min, args.count_max, args.seed, args.image_size)
+
+
+def list_items(args: argparse.Namespace, source) -> dict[str, int | None]:
+    """{image_id: count from the list, or None where only the metadata knows it}, cut to `limit` by a seeded
+    shuffle (so a limit keeps the counts' proportions), sorted by id."""
+    if args.source == "synthetic":
+        items = source.labels
+    elif args.file_list == "all":
+        items = source.labels()
+        if not items:
+            raise ValueError(f"data_dir: no image in {args.data_dir} has a count (no metadata, no labels.csv row)")
+    else:
+        try:
+            items = abid.read_file_list(args.file_list)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"file_list: {e}") from None
+        if not items:
+            raise ValueError(f"file_list: {args.file_list} lists no images")
+    ids = sorted(items)
+    random.Random(args.seed).shuffle(ids)
+    if args.limit:
+        ids = ids[:args.limit]
+    return {i: items[i] for i in sorted(ids)}
+
+
+def contact_sheet(manifest, n: int = SAMPLES) -> Image.Image:
+    """Up to `n` ingested images, spread over the counts (lowest to highest), captioned with their count."""
+    rows = manifest.sort_values(["count", "image_id"], ignore_index=True)
+    picks = rows.iloc[np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))]
+    images = []
+    for path in picks["path"]:
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    return synthetic.contact_sheet(images, [f"n={c} {i}" for i, c in zip(picks["image_id"], picks["count"])])
+
+
+def main(args: argparse.Namespace):
+    """Run the step -> (manifest, rejects, stats). Bad parameters raise SystemExit with the reason."""
+    try:
+        check_args(args)
+        source = make_source(args)
+        items = list_items(args, source)
+        if args.source == "s3":  # after the local checks: this one asks the bucket
+            source.check()
+    except ValueError as e:
+        raise SystemExit(f"ingest: {e}") from None
+    with start_step("ingest", args):
+        manifest, rejects, stats = ingest(items, source, args.cache_dir, args.image_size,
+                                          (args.count_min, args.count_max), args.workers)
+        mlflow.log_metrics(stats)
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(write_csv(manifest, Path(tmp) / "manifest.csv")))
+            mlflow.log_artifact(str(write_csv(rejects, Path(tmp) / "rejects.csv")))
+        for reason, group in rejects.groupby("reason"):
+            print(f"ingest: {len(group)} rejected as {reason}, e.g. {group['detail'].iloc[0]}")
+        if manifest.empty:
+            raise SystemExit(f"ingest: no image was ingested ({len(rejects)} rejected, see rejects.csv)")
+        with warnings.catch_warnings():
+            # MLflow hints that int columns cannot hold missing values (none here) and that a local path
+            # could be read two ways (it picks the local artifact source, which is right)
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(manifest, source=source.dataset_source, name=f"ingest-{args.source}")
+            mlflow.log_input(ds, context="ingest")
+        mlflow.log_image(contact_sheet(manifest), "samples.png")
+    print(f"ingest: {stats['ingested']} images ingested, {stats['rejected']} rejected; "
+          f"downloaded {stats['downloaded']} objects, {stats['cache_hits']} cache hits; "
+          f"cache {Path(args.cache_dir).resolve()}")
+    return manifest, rejects, stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
