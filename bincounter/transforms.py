@@ -53,12 +53,15 @@ def _normalize() -> list:
 
 
 class TrainPreset:
-    """Augmentation suited to bins seen from above: mild crop and colour jitter, horizontal flip only
-    (the label strip and elastic bands have an up and down), no rotation that would cut items off."""
+    """Augmentation suited to bins seen from above: the eval geometry with a mild shift and zoom (a hard
+    crop would cut items out and make the count wrong), colour jitter, horizontal flip only (the label strip
+    and elastic bands have an up and down)."""
 
     def __init__(self, image_size: int):
         self.t = T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            T.Resize(image_size, antialias=True),
+            T.CenterCrop(image_size),
+            T.RandomAffine(degrees=0, translate=(0.04, 0.04), scale=(0.95, 1.05)),
             T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
             *_normalize(),
