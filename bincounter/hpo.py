@@ -54,6 +54,12 @@ SEARCH_SPACE = {
 }
 assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
 
+
+def space_for(weights: str) -> dict:
+    """SEARCH_SPACE for these starting weights: a random backbone (weights=none) is never frozen, since only
+    the head would learn."""
+    return {**SEARCH_SPACE, "freeze": {"choice": [False]}} if weights == "none" else SEARCH_SPACE
+
 # Random trials before TPE starts modelling the results. hyperopt's default (20) is more than a usual search
 # here (max_evals 8), which would make it a pure random search. A constant, not a share of max_evals, so the
 # first trials of a search do not depend on how long it is.
@@ -214,11 +220,12 @@ def plot_trials(records: list[dict], metric: str, mode: str):
 
 def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, val_df: pd.DataFrame, *,
            metric: str = "val_loss", max_evals: int = 8, subset: float = 1.0, seed: int = 42,
-           settings: dict | None = None) -> dict:
+           settings: dict | None = None, space: dict = SEARCH_SPACE) -> dict:
     """Run (or resume) the search in the active MLflow run.
 
     make_config(draws) -> the TrainConfig of a trial (fixed settings + the drawn tunables).
     settings: everything that decides the trials (the step's parameters); a resumed run must have the same.
+    space: SEARCH_SPACE or a narrowing of it (space_for).
     -> {"params": best tunables, "value": best metric value, "run_id": best child run, "trials": records}.
     """
     mode = check_options(metric, max_evals, subset)
@@ -226,7 +233,7 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
     parent_id = parent.info.run_id
     sub = train_subset(train_df, subset, seed)
     settings = json.loads(json.dumps({**(settings or {}), "metric": metric, "max_evals": max_evals,
-                                      "subset": subset, "seed": seed, "space": SEARCH_SPACE,
+                                      "subset": subset, "seed": seed, "space": space,
                                       "startup_trials": STARTUP_TRIALS}))
 
     saved = load_trials(parent_id)
@@ -241,7 +248,7 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
 
     save()
     _mark_stale_children(parent_id, parent.info.experiment_id, {r["run_id"] for r in records})
-    mlflow.log_text(json.dumps({"space": SEARCH_SPACE, "algorithm": "tpe", "startup_trials": STARTUP_TRIALS},
+    mlflow.log_text(json.dumps({"space": space, "algorithm": "tpe", "startup_trials": STARTUP_TRIALS},
                                indent=2), "search_space.json")
     mlflow.log_metric("train_size", len(sub))
     if records:
@@ -252,11 +259,11 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
 
     def objective(draw: dict) -> dict:
         number = len(records) + 1
-        params = to_params(to_vals(draw))  # plain Python types, validated against the space
+        params = to_params(to_vals(draw, space), space)  # plain Python types, validated against the space
         out = run_trial(number, params, make_config, sub, val_df, metric)
         loss = _objective(out["value"], mode) if out["status"] == STATUS_OK else None
         records.append({"number": number, "run_id": out["run_id"], "status": out["status"], "params": params,
-                        "vals": to_vals(params), "value": out["value"], "loss": loss, "reason": out["reason"]})
+                        "vals": to_vals(params, space), "value": out["value"], "loss": loss, "reason": out["reason"]})
         save()
         if out["status"] == STATUS_OK:
             mlflow.log_metric(f"trial_{metric}", out["value"], step=number)
@@ -274,7 +281,7 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
         rstate.integers(2**31 - 1)
     if len(records) < max_evals:
         try:
-            fmin(objective, hyperopt_space(), algo=partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS),
+            fmin(objective, hyperopt_space(space), algo=partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS),
                  max_evals=max_evals, trials=rebuild_trials(records), rstate=rstate, show_progressbar=False)
         except AllTrialsFailed:  # raised after the last trial; reported below with the reasons
             pass

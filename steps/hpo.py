@@ -57,7 +57,8 @@ def main(args: argparse.Namespace) -> str:
             mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
             hpo.search(make_config, train_df, val_df, metric=args.metric, max_evals=args.max_evals,
                        subset=args.subset, seed=args.seed,
-                       settings={k: v for k, v in vars(args).items() if k != "workers"})  # workers: speed only
+                       settings={k: v for k, v in vars(args).items() if k != "workers"},  # workers: speed only
+                       space=hpo.space_for(args.weights))
             return run.info.run_id
 
 

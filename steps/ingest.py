@@ -22,7 +22,7 @@ from PIL import Image
 from bincounter import abid, synthetic
 from bincounter.ingest import ingest
 from bincounter.manifest import write_csv
-from bincounter.runs import start_step, whole
+from bincounter.runs import download_uri, start_step, whole
 from bincounter.sources import LocalSource, S3Source, SyntheticSource
 
 SOURCES = ("s3", "local", "synthetic")
@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ingest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="s3", help="s3 (the ABID bucket), local (a folder in its layout) or synthetic")
-    p.add_argument("--file_list", default="file_list.json", help="the file_list.json to ingest; 'all': every image of a local folder")
+    p.add_argument("--file_list", default="file_list.json", help="the file_list.json to ingest (a path or runs:/ URI); 'all': every image of a local folder")
     p.add_argument("--data_dir", default="", help="source=local: folder with bin-images/, metadata/ (and labels.csv)")
     p.add_argument("--cache_dir", default="data", help="the local image cache")
     p.add_argument("--bucket", default=abid.BUCKET)
@@ -96,8 +96,8 @@ def list_items(args: argparse.Namespace, source) -> dict[str, int | None]:
             raise ValueError(f"data_dir: no image in {args.data_dir} has a count (no metadata, no labels.csv row)")
     else:
         try:
-            items = abid.read_file_list(args.file_list)
-        except (ValueError, FileNotFoundError) as e:
+            items = abid.read_file_list(download_uri(args.file_list))  # a path or a select run's runs:/ URI
+        except (ValueError, OSError, mlflow.exceptions.MlflowException) as e:
             raise ValueError(f"file_list: {e}") from None
         if not items:
             raise ValueError(f"file_list: {args.file_list} lists no images")

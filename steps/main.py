@@ -1,6 +1,7 @@
 """main: the whole chain, each step its own run under this one.
 
-ingest -> split -> hpo (skipped when max_evals is 0) -> train -> evaluate -> register.
+[select, when `labels` is given] -> ingest -> split -> hpo (skipped when max_evals is 0) -> train -> evaluate
+-> register.
 A step whose FINISHED run with the same entry point, parameters (compared as strings) and git commit exists
 in the experiment is reused, not rerun; a changed parameter upstream gives new run ids, so everything
 downstream reruns too. A failing step stops the chain and this run ends FAILED.
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="s3", choices=["s3", "local", "synthetic"])
-    p.add_argument("--file_list", default="file_list.json")
+    p.add_argument("--labels", default="", help="run select on this label index (or 's3') and ingest its list")
+    p.add_argument("--file_list", default="file_list.json", help="ingest this list when labels is empty")
     p.add_argument("--data_dir", default="")
     p.add_argument("--cache_dir", default="data")
     p.add_argument("--num_images", type=whole, default=1000)
@@ -85,7 +87,12 @@ def main(args: argparse.Namespace) -> dict[str, str]:
             mlflow.set_tag(f"{name}_run_id", ids[name])
             return ids[name]
 
-        ingest = step("ingest", dict(source=args.source, file_list=args.file_list, data_dir=args.data_dir,
+        file_list = args.file_list
+        if args.labels:
+            select = step("select", dict(labels=args.labels, count_min=args.count_min, count_max=args.count_max,
+                                         output="", seed=args.seed))
+            file_list = f"runs:/{select}/file_list.json"
+        ingest = step("ingest", dict(source=args.source, file_list=file_list, data_dir=args.data_dir,
                                      cache_dir=args.cache_dir, num_images=args.num_images, limit=args.limit,
                                      count_min=args.count_min, count_max=args.count_max, seed=args.seed))
         split = step("split", dict(ingest_run_id=ingest, seed=args.seed))

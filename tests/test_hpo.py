@@ -112,7 +112,10 @@ def test_hpo_entry_point_end_to_end(split_id):
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_space.json", "trials.json", "trials.png"} <= files
     space = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/search_space.json"))
-    assert space["space"] == json.loads(json.dumps(hpo.SEARCH_SPACE))
+    # weights=none: a random backbone is never frozen, the rest of the space is SEARCH_SPACE
+    assert space["space"] == json.loads(json.dumps(hpo.space_for("none")))
+    assert space["space"]["freeze"] == {"choice": [False]} and all(t.data.params["freeze"] == "False" for t in trials)
+    assert hpo.space_for("imagenet") == hpo.SEARCH_SPACE
 
 
 def test_failed_trial_is_recorded_and_the_search_goes_on(split_id, monkeypatch):
