@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export GIT_PYTHON_REFRESH = quiet
 
-.PHONY: venv test test-all demo bench clean file-list tracking-server tracking-server-stop
+.PHONY: venv test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop
 
 venv: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv          ## the test suite without the slow tests (what CI runs first)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+
+test-slow: venv     ## only the slow tests (learning, random kills, tracking server)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m slow
 
 test-all: venv      ## every test, slow ones included
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m ''
