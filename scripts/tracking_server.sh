@@ -11,16 +11,23 @@ port=${3:-5000}
 pgport=${PGPORT_MLFLOW:-$((port + 432))}
 pgbin=$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# The database files must be reachable by the user postgres runs as: as root, DIR may sit under folders only
+# root can enter (a pytest tmp dir, /root), so they go to a folder of postgres' own, named after DIR.
+if [ "$(id -u)" = 0 ]; then
+  pgdata=/var/tmp/bincounter-pg/$(printf %s "$dir" | sha1sum | cut -c1-12)
+else
+  pgdata=$dir/pg
+fi
 
 case "$cmd" in
 start)
   mkdir -p "$dir/artifacts"
-  if [ ! -f "$dir/pg/PG_VERSION" ]; then
-    mkdir -p "$dir/pg"
-    [ "$(id -u)" = 0 ] && chown postgres "$dir/pg"
-    as_pg "$pgbin/initdb" -D "$dir/pg" -U mlflow --auth=trust >/dev/null
+  if [ ! -f "$pgdata/PG_VERSION" ]; then
+    mkdir -p "$pgdata"
+    if [ "$(id -u)" = 0 ]; then chown postgres "$pgdata"; chmod 711 "$(dirname "$pgdata")"; fi
+    as_pg "$pgbin/initdb" -D "$pgdata" -U mlflow --auth=trust >/dev/null
   fi
-  as_pg "$pgbin/pg_ctl" -D "$dir/pg" -l "$dir/pg/server.log" -w \
+  as_pg "$pgbin/pg_ctl" -D "$pgdata" -l "$pgdata/server.log" -w \
     -o "-c listen_addresses=127.0.0.1 -p $pgport -k /tmp" start >/dev/null
   "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='mlflow'" | grep -q 1 \
     || "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U mlflow mlflow
@@ -39,7 +46,7 @@ start)
 stop)
   [ -f "$dir/server.pid" ] && kill "$(cat "$dir/server.pid")" 2>/dev/null || true
   rm -f "$dir/server.pid"
-  [ -f "$dir/pg/postmaster.pid" ] && as_pg "$pgbin/pg_ctl" -D "$dir/pg" -m fast -w stop >/dev/null || true
+  [ -f "$pgdata/postmaster.pid" ] && as_pg "$pgbin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null || true
   ;;
 *) echo "usage: $0 start|stop [DIR] [PORT]"; exit 2 ;;
 esac
