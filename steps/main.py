@@ -10,6 +10,7 @@ Logs: tags `<step>_run_id` for every step, and the final champion/challenger ver
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 import mlflow
@@ -60,7 +61,8 @@ def find_finished(entry_point: str, parameters: dict, experiment_id: str):
     for run in runs:
         if commit and run.data.tags.get(mlflow_tags.MLFLOW_GIT_COMMIT) != commit:
             continue
-        if all(run.data.params.get(k) == str(v) for k, v in parameters.items()):
+        # `mlflow run` logs each value as it went into the command, shell-quoted ('' for an empty one)
+        if all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items()):
             return run
     return None
 

@@ -1,0 +1,65 @@
+"""main: the chain under one parent run, reuse of finished steps, a failing step stops it."""
+import mlflow
+import pytest
+
+from conftest import run_entry
+
+TINY = dict(source="synthetic", num_images=40, arch="resnet18", weights="none", image_size=32, max_evals=2,
+            max_steps=2, epochs=1, workers=0, model_name="bin-counter-main")
+
+
+def runs_by_step() -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in mlflow.search_runs(output_format="list"):
+        step = r.data.tags.get("bincounter.step") or r.data.tags.get("mlflow.project.entryPoint")
+        out.setdefault(step, []).append(r)
+    return out
+
+
+def test_chain_reuses_finished_steps_and_reruns_downstream_of_a_change(tmp_path):
+    params = dict(TINY, cache_dir=tmp_path / "data")
+    run_entry("main", params)
+    first = runs_by_step()
+    assert all(len(first[s]) == 1 for s in ("main", "ingest", "split", "hpo", "train", "evaluate", "register"))
+    main_run = first["main"][0]
+    for s in ("ingest", "split", "hpo", "train", "evaluate", "register"):
+        assert first[s][0].data.tags["mlflow.parentRunId"] == main_run.info.run_id
+        assert main_run.data.tags[f"{s}_run_id"] == first[s][0].info.run_id
+    assert mlflow.MlflowClient().get_model_version_by_alias("bin-counter-main", "champion").run_id == \
+        first["train"][0].info.run_id
+
+    run_entry("main", params)  # same parameters, same commit: every step is reused
+    second = runs_by_step()
+    assert len(second["main"]) == 2
+    assert {s: len(second[s]) for s in ("ingest", "split", "hpo", "train", "evaluate", "register")} == \
+        dict.fromkeys(("ingest", "split", "hpo", "train", "evaluate", "register"), 1), \
+        {s: [r.data.params for r in second[s]] for s in second}
+
+    run_entry("main", dict(params, epochs=2))  # a train parameter changed: train and what follows rerun
+    third = runs_by_step()
+    assert [len(third[s]) for s in ("ingest", "split", "hpo")] == [1, 1, 1]
+    assert [len(third[s]) for s in ("train", "evaluate", "register")] == [2, 2, 2]
+
+
+def test_a_failing_step_stops_the_chain_and_fails_the_parent(tmp_path):
+    p = run_entry("main", dict(TINY, source="local", data_dir=tmp_path / "nowhere", file_list="all"), check=False)
+    assert p.returncode != 0
+    steps = runs_by_step()
+    assert steps["main"][0].info.status == "FAILED"
+    assert steps["ingest"][0].info.status == "FAILED"
+    assert "split" not in steps and "train" not in steps
+    assert "data_dir" in p.stderr and "does not exist" in p.stderr
+
+
+@pytest.mark.slow
+def test_learning_is_real_on_generated_bins(tmp_path):
+    """From scratch on CPU in a few minutes: far above the majority baseline."""
+    run_entry("main", dict(source="synthetic", num_images=1000, cache_dir=tmp_path / "data", arch="resnet18",
+                           weights="none", image_size=64, max_evals=0, epochs=8, workers=2,
+                           model_name="bin-counter-learning"), timeout=3600)
+    ev = runs_by_step()["evaluate"][0]
+    m = ev.data.metrics
+    print({k: round(v, 3) for k, v in m.items()})
+    assert m["test_accuracy"] >= m["baseline_accuracy"] + 0.3
+    assert m["test_rmse"] < m["baseline_rmse"] / 2
+    assert m["test_within1_accuracy"] >= 0.9
