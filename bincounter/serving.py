@@ -147,8 +147,11 @@ def log_model(model: torch.nn.Module, config: dict, example_image: bytes, name: 
 
 
 def _requirements() -> list[str]:
+    """Pins of what the served model imports; local build tags (+cu130) dropped, since serving images
+    install from PyPI. mlflow by its own version: mlflow-skinny installs have no `mlflow` distribution."""
     from importlib.metadata import version
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("mlflow", "torch", "torchvision", "pillow", "pandas", "numpy")]
+    pins = [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "torchvision", "pillow", "pandas", "numpy")]
+    return [f"mlflow=={mlflow.__version__}", *pins]
 
 
 def load(model_uri: str) -> BinCounter:
