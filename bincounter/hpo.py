@@ -13,7 +13,8 @@ Resume: rerun into the same parent run with the same parameters (`mlflow run . -
 -P ...`, which sets MLFLOW_RUN_ID; in-process: `MLFLOW_RUN_ID=<parent>`). `search` rebuilds hyperopt's
 Trials from the parent's `trials.json` (plain JSON, no unpickling), advances the random generator past the
 trials already drawn, and runs only the remaining ones: the trial parameters are the same as an
-uninterrupted search's. A child run left RUNNING by the interruption is marked KILLED; its trial runs again.
+uninterrupted search's. A child run that trials.json does not hold (left RUNNING by the interruption, or ended
+just before the save) is marked KILLED; its trial runs again.
 A rerun without `--run-id` is a new search from scratch.
 """
 from __future__ import annotations
@@ -186,10 +187,11 @@ def rebuild_trials(records: list[dict]):
 
 
 def _mark_stale_children(parent_id: str, experiment_id: str, done: set[str]) -> None:
-    """Child runs left RUNNING by an interrupted search -> KILLED (their trials run again)."""
+    """Child runs of an interrupted search that trials.json does not hold -> KILLED (their trials run again): left
+    RUNNING by a kill mid-trial, or FINISHED/FAILED by a kill between the trial's end and the save of trials.json."""
     client = MlflowClient()
     for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
-        if r.info.status == "RUNNING" and r.info.run_id not in done:
+        if r.info.status != "KILLED" and r.info.run_id not in done:
             client.set_tag(r.info.run_id, "bincounter.failure_reason", "interrupted; the resumed search reruns it")
             client.set_terminated(r.info.run_id, "KILLED")
 

@@ -199,6 +199,9 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
 
     ckpt = Checkpointer(run_id) if checkpoint else None
     state = ckpt.load() if (ckpt and resume) else None
+    # a kill between an epoch's metrics and its checkpoint leaves that epoch logged but not saved: the resumed run
+    # replays it (same batches, same values) and must not log it twice
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if (ckpt and resume) else set()
     start, history, best, best_epoch, best_loss, bad = 1, [], None, 0, float("inf"), 0
     if state:
         if state["config"] != asdict(cfg):
@@ -225,7 +228,8 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                **{f"val_{k}": v for k, v in va.items()}, "lr": scheduler.get_last_lr()[0]}
         history.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if epoch not in logged:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if va["loss"] < best_loss:
             best_loss, best_epoch, bad = va["loss"], epoch, 0
