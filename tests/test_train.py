@@ -153,3 +153,25 @@ def test_evaluate_counts_unreadable_images_and_goes_on(tmp_path):
     errors = dict(zip(preds["image_id"], preds["error"]))
     assert "cannot decode" in errors["bad1"] or "not an image" in errors["bad1"]
     assert "cannot read" in errors["bad2"]
+
+
+def test_training_can_start_from_an_earlier_model(tmp_path):
+    """weights=runs:/<id>/model (or models:/...) starts from a logged bin counter: backbone and head."""
+    import torch
+
+    from bincounter.model import build_model
+    from bincounter.training import TrainConfig, train_run
+    from steps.train import load_split, log_trained_model
+
+    split = make_split_run(tmp_path, n=20, size=32)
+    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes})
+    with mlflow.start_run() as run:
+        result = train_run(cfg, train_df, val_df, checkpoint=False)
+        log_trained_model(result, cfg, val_df["path"].iloc[0])
+    start = build_model("resnet18", len(classes), weights=f"runs:/{run.info.run_id}/model")
+    for k, v in result["model"].state_dict().items():
+        assert torch.equal(start.state_dict()[k], v), k
+    other = build_model("resnet18", 3, weights=f"runs:/{run.info.run_id}/model")  # new classes: a fresh head
+    assert other.fc.out_features == 3
+    assert torch.equal(other.layer1[0].conv1.weight, result["model"].layer1[0].conv1.weight)
