@@ -96,7 +96,9 @@ def list_items(args: argparse.Namespace, source) -> dict[str, int | None]:
             raise ValueError(f"data_dir: no image in {args.data_dir} has a count (no metadata, no labels.csv row)")
     else:
         try:
-            items = abid.read_file_list(download_uri(args.file_list))  # a path or a select run's runs:/ URI
+            # a path, or a select run's file_list.json as a runs:/ URI
+            path = download_uri(args.file_list) if args.file_list.startswith("runs:/") else args.file_list
+            items = abid.read_file_list(path)
         except (ValueError, OSError, mlflow.exceptions.MlflowException) as e:
             raise ValueError(f"file_list: {e}") from None
         if not items:

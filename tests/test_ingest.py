@@ -427,3 +427,19 @@ def test_unparsable_parameter(capsys):
     with pytest.raises(SystemExit):
         parse("--limit", "ten")
     assert "argument --limit: expected a whole number, got 'ten'" in capsys.readouterr().err
+
+
+def test_ingest_reads_a_select_runs_file_list_by_uri(tmp_path):
+    """main's select -> ingest hand-over: file_list=runs:/<select run>/file_list.json."""
+    from steps import select
+
+    root = write_folder(tmp_path / "abid", {f"bin-images/{i}.jpg": jpeg(c, seed=i) for i, c in
+                                            [(1, 1), (2, 2), (3, 2), (4, 9)]})
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image_id,expected_quantity\n1,1\n2,2\n3,2\n4,9\n")
+    select.main(select.get_args_parser().parse_args(["--labels", str(labels), "--per_count", "5", "--output", ""]))
+    chosen = last_run("select").info.run_id
+    step.main(parse("--source", "local", "--data_dir", root, "--file_list", f"runs:/{chosen}/file_list.json",
+                    "--cache_dir", tmp_path / "cache"))
+    manifest = read_manifest(artifact(last_run("ingest"), "manifest.csv"))
+    assert dict(zip(manifest["image_id"], manifest["count"])) == {"1": 1, "2": 2, "3": 2}  # 9 was not selected
