@@ -129,5 +129,5 @@ if __name__ == "__main__":
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes (the train step's default)")
     main(p.parse_args())

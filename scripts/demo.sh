@@ -11,7 +11,7 @@ PORT=${PORT:-5001}
 mlflow run . --env-manager local --experiment-name "$EXPERIMENT" \
   -P source=synthetic -P num_images=1500 -P cache_dir=data \
   -P arch=resnet18 -P weights=none -P image_size=64 \
-  -P max_evals=4 -P hpo_epochs=1 -P epochs=10 -P workers=2
+  -P max_evals=4 -P hpo_epochs=1 -P epochs=10 -P workers=0
 
 echo "== serving models:/bin-counter@champion on 127.0.0.1:$PORT"
 mlflow models serve -m models:/bin-counter@champion --env-manager local -h 127.0.0.1 -p "$PORT" \
