@@ -53,10 +53,6 @@ def empty_manifest() -> pd.DataFrame:
     return pd.DataFrame(columns=COLUMNS)
 
 
-def empty_rejects() -> pd.DataFrame:
-    return pd.DataFrame(columns=REJECT_COLUMNS)
-
-
 def check_fractions(train: float, val: float, test: float) -> None:
     """Each fraction in [0, 1], train and test above 0, summing to 1; else ValueError saying which."""
     for name, f in (("train_frac", train), ("val_frac", val), ("test_frac", test)):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import mlflow
@@ -84,7 +83,3 @@ def start_step(step: str, args: argparse.Namespace, **run_kwargs):
     # `mlflow run` has logged the entry point's parameters already; MLflow refuses to change a logged value
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
     return run
-
-
-def log_json(obj, artifact_file: str) -> None:
-    mlflow.log_text(json.dumps(obj, indent=2, default=str), artifact_file)
