@@ -29,9 +29,11 @@ class ManifestDataset(Dataset):
 
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, sampler=None) -> DataLoader:
     """A DataLoader whose order and augmentation draws depend only on `seed` (pass seed+epoch for each
-    epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    epoch), so a resumed run sees the same batches as an uninterrupted one. A `sampler` (distributed training:
+    this process's share) replaces `shuffle`."""
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
-                      pin_memory=pin_memory, persistent_workers=False, drop_last=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, generator=g, pin_memory=pin_memory, persistent_workers=False,
+                      drop_last=False)

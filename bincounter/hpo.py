@@ -16,6 +16,11 @@ trials already drawn, and runs only the remaining ones: the trial parameters are
 uninterrupted search's. A child run that trials.json does not hold (left RUNNING by the interruption, or ended
 just before the save) is marked KILLED; its trial runs again.
 A rerun without `--run-id` is a new search from scratch.
+
+Parallel trials (`parallel > 1`, with a `trial_runner`, e.g. SageMaker training jobs: steps/hpo.py): hyperopt
+suggests a batch of `parallel` trials (each suggestion sees the earlier ones of the batch as pending, as fmin
+with a queue does; one random draw per trial as fmin), they run at once in threads, and the batch is recorded
+when all of it has ended. Each child run is made here (MlflowClient, tags as above) and handed to the runner.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import json
 import math
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import matplotlib
@@ -35,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 from hyperopt import STATUS_FAIL, STATUS_OK, fmin, hp, tpe
-from hyperopt.base import JOB_STATE_DONE
+from hyperopt.base import JOB_STATE_DONE, Domain
 from hyperopt.exceptions import AllTrialsFailed
 from hyperopt.fmin import generate_trials_to_calculate, partial
 from mlflow.tracking import MlflowClient
@@ -167,6 +173,46 @@ def run_trial(number: int, params: dict, make_config: Callable[[dict], TrainConf
     return out
 
 
+def run_remote_trial(number: int, params: dict, runner: Callable[[int, dict, str], float], parent_id: str,
+                     experiment_id: str) -> dict:
+    """A trial that `runner(number, params, child_run_id) -> metric value` trains elsewhere (thread-safe: no
+    fluent MLflow). -> the same dict as run_trial; any exception is recorded, not raised."""
+    client = MlflowClient()
+    child = client.create_run(experiment_id, run_name=f"trial-{number}",
+                              tags={"mlflow.parentRunId": parent_id, "bincounter.step": "hpo_trial",
+                                    "bincounter.trial": str(number)})
+    cid = child.info.run_id
+    out = {"status": STATUS_FAIL, "value": None, "run_id": cid, "reason": ""}
+    try:
+        client.log_batch(cid, params=[mlflow.entities.Param(k, str(v)) for k, v in
+                                      {**{f"hp_{k}": v for k, v in params.items()}, **params}.items()])
+        value = float(runner(number, params, cid))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"metric is {value}")
+        out.update(status=STATUS_OK, value=value)
+    except Exception as e:  # noqa: BLE001 -- a bad trial must not end the search
+        out["reason"] = f"{type(e).__name__}: {e}"[:1000]
+        client.set_tag(cid, "bincounter.failure_reason", out["reason"])
+    client.set_terminated(cid, "FINISHED" if out["status"] == STATUS_OK else "FAILED")
+    return out
+
+
+def suggest_batch(records: list[dict], space: dict, k: int, rstate) -> list[dict]:
+    """The next k trials' parameters after the finished `records` (TPE, each seeing the earlier ones pending)."""
+    trials = rebuild_trials(records)
+    domain = Domain(lambda _: 0.0, hyperopt_space(space))
+    algo = partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS)
+    out = []
+    for _ in range(k):
+        new_ids = trials.new_trial_ids(1)
+        trials.refresh()
+        docs = algo(new_ids, domain, trials, rstate.integers(2**31 - 1))
+        trials.insert_trial_docs(docs)
+        trials.refresh()
+        out.append(to_params({n: v[0] for n, v in docs[0]["misc"]["vals"].items()}, space))
+    return out
+
+
 def load_trials(run_id: str) -> dict | None:
     """The parent run's trials.json, or None when it has none (a new search)."""
     if not any(f.path == TRIALS_FILE for f in MlflowClient().list_artifacts(run_id)):
@@ -222,21 +268,28 @@ def plot_trials(records: list[dict], metric: str, mode: str):
 
 def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, val_df: pd.DataFrame, *,
            metric: str = "val_loss", max_evals: int = 8, subset: float = 1.0, seed: int = 42,
-           settings: dict | None = None, space: dict = SEARCH_SPACE) -> dict:
+           settings: dict | None = None, space: dict = SEARCH_SPACE, parallel: int = 1,
+           trial_runner: Callable[[int, dict, str], float] | None = None) -> dict:
     """Run (or resume) the search in the active MLflow run.
 
     make_config(draws) -> the TrainConfig of a trial (fixed settings + the drawn tunables).
     settings: everything that decides the trials (the step's parameters); a resumed run must have the same.
     space: SEARCH_SPACE or a narrowing of it (space_for).
+    trial_runner(number, params, child_run_id) -> metric value: trains a trial elsewhere (a SageMaker job);
+    parallel: how many such trials run at once (see the module's doc).
     -> {"params": best tunables, "value": best metric value, "run_id": best child run, "trials": records}.
     """
     mode = check_options(metric, max_evals, subset)
+    if parallel < 1 or (parallel > 1 and trial_runner is None):
+        raise ValueError(f"parallel trials ({parallel}) need at least 1, and more than 1 a trial runner "
+                         "(backend=sagemaker)")
     parent = mlflow.active_run()
     parent_id = parent.info.run_id
     sub = train_subset(train_df, subset, seed)
     settings = json.loads(json.dumps({**(settings or {}), "metric": metric, "max_evals": max_evals,
                                       "subset": subset, "seed": seed, "space": space,
-                                      "startup_trials": STARTUP_TRIALS}))
+                                      "startup_trials": STARTUP_TRIALS,
+                                      **({"parallel": parallel} if parallel > 1 else {})}))
 
     saved = load_trials(parent_id)
     if saved and saved["search"] != settings:
@@ -259,10 +312,7 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
         print(f"hpo: run {parent_id}; after an interruption resume with `mlflow run . -e hpo --run-id {parent_id}` "
               "and the same parameters")
 
-    def objective(draw: dict) -> dict:
-        number = len(records) + 1
-        params = to_params(to_vals(draw, space), space)  # plain Python types, validated against the space
-        out = run_trial(number, params, make_config, sub, val_df, metric)
+    def record(number: int, params: dict, out: dict) -> float | None:
         loss = _objective(out["value"], mode) if out["status"] == STATUS_OK else None
         records.append({"number": number, "run_id": out["run_id"], "status": out["status"], "params": params,
                         "vals": to_vals(params, space), "value": out["value"], "loss": loss, "reason": out["reason"]})
@@ -276,12 +326,32 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
         print(f"hpo: trial {number}/{max_evals} {shown} -> {result}; best {best}", flush=True)
         if os.environ.get(KILL_ENV) == str(number):
             os.kill(os.getpid(), signal.SIGKILL)
+        return loss
+
+    def objective(draw: dict) -> dict:
+        number = len(records) + 1
+        params = to_params(to_vals(draw, space), space)  # plain Python types, validated against the space
+        if trial_runner:
+            out = run_remote_trial(number, params, trial_runner, parent_id, parent.info.experiment_id)
+        else:
+            out = run_trial(number, params, make_config, sub, val_df, metric)
+        loss = record(number, params, out)
         return {"status": out["status"], "loss": loss} if out["status"] == STATUS_OK else {"status": STATUS_FAIL}
 
     rstate = np.random.default_rng(seed)
     for _ in records:  # fmin draws one integer per suggested trial: skip those of the finished trials
         rstate.integers(2**31 - 1)
-    if len(records) < max_evals:
+    if parallel > 1:
+        with ThreadPoolExecutor(parallel, thread_name_prefix="hpo-trial") as pool:
+            while len(records) < max_evals:
+                first = len(records) + 1
+                batch = suggest_batch(records, space, min(parallel, max_evals - len(records)), rstate)
+                futures = [pool.submit(run_remote_trial, first + i, params, trial_runner, parent_id,
+                                       parent.info.experiment_id) for i, params in enumerate(batch)]
+                outs = [f.result() for f in futures]  # a batch is recorded whole: a resume reruns a cut one
+                for i, (params, out) in enumerate(zip(batch, outs)):
+                    record(first + i, params, out)
+    elif len(records) < max_evals:
         try:
             fmin(objective, hyperopt_space(space), algo=partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS),
                  max_evals=max_evals, trials=rebuild_trials(records), rstate=rstate, show_progressbar=False)

@@ -1,6 +1,9 @@
 """The fit loop: one epoch of training, evaluation, checkpoints with resume, early stopping.
 
 `train_run` is what both the train step and each hpo trial call: it logs into the active MLflow run.
+Distributed data parallel: started under torchrun (WORLD_SIZE > 1, e.g. a SageMaker job on several instances)
+`train_run` joins the process group (nccl on GPUs, gloo on CPUs), each process trains on its DistributedSampler
+share, and only rank 0 logs to MLflow and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from bincounter import metrics
@@ -45,7 +50,7 @@ class TrainConfig:
     freeze: bool = False
     patience: int = 3
     max_steps: int = 0  # train batches per epoch, 0 = all (tests and quick trials)
-    workers: int = 2
+    workers: int = 0  # data-loading processes: on a 2-core CPU they only steal cores from the math (bench/train.py)
     seed: int = 42
     classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
@@ -74,11 +79,24 @@ class TrainConfig:
 TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze")
 
 
+def setup_distributed() -> tuple[int, int]:
+    """-> (rank, world size). Under torchrun (WORLD_SIZE > 1) joins the default process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def setup_device() -> torch.device:
     """CUDA when present; on CPU every core does the math (data workers mostly wait on it) unless
     OMP_NUM_THREADS says otherwise (e.g. several trainings sharing a machine)."""
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+        if dist.is_initialized():  # one GPU per process
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cuda")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return torch.device("cpu")
@@ -117,6 +135,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_ste
         loss_sum += loss.item() * len(y)
         correct += (out.argmax(1) == y).sum().item()
         total += len(y)
+    if dist.is_initialized():  # every process's share together
+        t = torch.tensor([loss_sum, correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        loss_sum, correct, total = t.tolist()
     return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
 
 
@@ -143,15 +165,29 @@ def evaluate(model, loader, device, classes: list[int]) -> dict[str, float]:
     return {"loss": loss, **metrics.count_metrics(c[y], c[probs.argmax(1)])}
 
 
+def job_checkpoint_dir() -> Path | None:
+    """A SageMaker job's checkpoint folder (synced to the job's CheckpointConfig S3 URI and restored when a spot
+    job restarts): SM_CHECKPOINT_DIR, else /opt/ml/checkpoints when it exists; None outside a job."""
+    d = os.environ.get("SM_CHECKPOINT_DIR")
+    if d:
+        return Path(d)
+    return Path("/opt/ml/checkpoints") if Path("/opt/ml/checkpoints").is_dir() else None
+
+
 class Checkpointer:
-    """Saves the training state atomically after every epoch, locally and as the run's artifact."""
+    """Saves the training state atomically after every epoch, locally and as the run's artifact; inside a
+    SageMaker job also into its checkpoint folder (<dir>/<run id>/last.pt), which `load` prefers."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.dir = Path(tempfile.mkdtemp(prefix="bincounter-ckpt-"))
+        job_dir = job_checkpoint_dir()
+        self.job_file = job_dir / run_id / "last.pt" if job_dir else None
 
     def load(self) -> dict | None:
         """The run's last checkpoint, or None when it has none."""
+        if self.job_file and self.job_file.is_file():  # written before the artifact: never older than it
+            return torch.load(self.job_file, map_location="cpu", weights_only=True)
         client = mlflow.MlflowClient()
         if not any(f.path == CHECKPOINT for f in client.list_artifacts(self.run_id, "checkpoint")):
             return None
@@ -161,6 +197,8 @@ class Checkpointer:
     def save(self, state: dict) -> None:
         path = self.dir / "checkpoint" / "last.pt"
         buf = _to_bytes(state)
+        if self.job_file:
+            atomic_write_bytes(self.job_file, buf)
         atomic_write_bytes(path, buf)
         mlflow.log_artifact(str(path), "checkpoint")
 
@@ -181,14 +219,18 @@ def _set_seed(seed: int) -> None:
 def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, resume: bool = True,
               checkpoint: bool = True) -> dict:
     """Train in the active MLflow run: logs per-epoch metrics (step=epoch), resumes from the run's checkpoint
-    when it has one. -> {"model": best model (eval mode, CPU), "best_epoch", "history", "best": val metrics}."""
+    when it has one. -> {"model": best model (eval mode, CPU), "best_epoch", "history", "best": val metrics}.
+    Distributed (see the module's doc): ranks other than 0 need no active run and log nothing."""
     cfg.validate()
-    run_id = mlflow.active_run().info.run_id
+    rank, world = setup_distributed()
+    lead = rank == 0
+    run_id = mlflow.active_run().info.run_id if lead else None
     device = setup_device()
     _set_seed(cfg.seed)
     model = build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.freeze).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net = model  # what is saved, evaluated and returned; `model` is what trains (DDP-wrapped when distributed)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -197,8 +239,12 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
     val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size)), cfg.batch_size,
                              cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
 
-    ckpt = Checkpointer(run_id) if checkpoint else None
+    ckpt = Checkpointer(run_id) if (checkpoint and lead) else None
     state = ckpt.load() if (ckpt and resume) else None
+    if world > 1:  # rank 0's checkpoint (or none) for everyone
+        shared = [state if lead else None]
+        dist.broadcast_object_list(shared, src=0)
+        state = shared[0]
     # a kill between an epoch's metrics and its checkpoint leaves that epoch logged but not saved: the resumed run
     # replays it (same batches, same values) and must not log it twice
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if (ckpt and resume) else set()
@@ -206,7 +252,7 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
     if state:
         if state["config"] != asdict(cfg):
             raise ValueError(f"run {run_id} has a checkpoint made with other settings; start a new run")
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -214,40 +260,56 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
         start, history = state["epoch"] + 1, state["history"]
         best, best_epoch, best_loss, bad = state["best_model"], state["best_epoch"], state["best_loss"], state["bad_epochs"]
         print(f"train: resuming run {run_id} after epoch {state['epoch']}")
+    sampler = None
+    if world > 1:
+        # each process a disjoint share; order depends on (seed, epoch) only, as below
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed * 1000)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if lead:
+            mlflow.log_param("world_size", world)
+            print(f"train: distributed data parallel over {world} processes ({dist.get_backend()})")
 
     for epoch in range(start, cfg.epochs + 1):
         if cfg.patience and bad >= cfg.patience:
             break
         # order and augmentation draws depend on (seed, epoch) only: resume replays the same batches
+        if sampler:
+            sampler.set_epoch(epoch)
         loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                             pin_memory=device.type == "cuda")
+                             pin_memory=device.type == "cuda", sampler=sampler)
         tr = train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg.max_steps,
                              desc=f"epoch {epoch}/{cfg.epochs}")
         scheduler.step()
-        va = evaluate(model, val_loader, device, cfg.classes)
+        va = evaluate(net, val_loader, device, cfg.classes)
+        if world > 1:  # rank 0's numbers decide early stopping everywhere (BatchNorm buffers may differ a little)
+            shared = [va]
+            dist.broadcast_object_list(shared, src=0)
+            va = shared[0]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                **{f"val_{k}": v for k, v in va.items()}, "lr": scheduler.get_last_lr()[0]}
         history.append(row)
-        if epoch not in logged:
+        if lead and epoch not in logged:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        if lead:
+            print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if va["loss"] < best_loss:
             best_loss, best_epoch, bad = va["loss"], epoch, 0
-            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         else:
             bad += 1
         if ckpt:
-            ckpt.save({"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(),
+            ckpt.save({"config": asdict(cfg), "epoch": epoch, "model": net.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
                        "best_model": best, "best_epoch": best_epoch, "best_loss": best_loss, "bad_epochs": bad})
         if os.environ.get("BINCOUNTER_FAULT_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for tests
             os.kill(os.getpid(), signal.SIGKILL)
 
-    final = copy.deepcopy(model).cpu()
+    final = copy.deepcopy(net).cpu()
     final.load_state_dict(best)
     final.eval()
     best_row = next(r for r in history if r["epoch"] == best_epoch)
-    mlflow.log_metrics({"best_epoch": best_epoch, **{f"best_{k}": v for k, v in best_row.items()
-                                                    if k.startswith("val_")}})
+    if lead:
+        mlflow.log_metrics({"best_epoch": best_epoch, **{f"best_{k}": v for k, v in best_row.items()
+                                                        if k.startswith("val_")}})
     return {"model": final, "best_epoch": best_epoch, "history": history, "best": best_row}

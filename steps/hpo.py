@@ -8,6 +8,8 @@ Logs: one nested child run per trial (params hp_* and plain names, per-epoch met
 `train -P hpo_run_id=...` reads), metric `best_<metric>`, tag `best_run_id`.
 Resume: rerun into the same run with the same parameters (`mlflow run . -e hpo --run-id <id> -P ...`); the
 finished trials are kept and only the remaining ones run.
+backend=sagemaker: each trial is a SageMaker training job (the train step's job, docs/sagemaker.md) that logs
+into its child run; `parallel_trials` of them run at once. Data and code are uploaded once per search.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import tempfile
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from bincounter import hpo
 from bincounter.runs import start_step, whole
@@ -33,17 +36,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image_size", type=whole, default=224)
     p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
-    p.add_argument("--workers", type=whole, default=2)
+    p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
     p.add_argument("--seed", type=whole, default=42, help="seeds the search (same seed, same trials) and training")
+    p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
+                   help="sagemaker: every trial is a SageMaker training job (docs/sagemaker.md)")
+    p.add_argument("--parallel_trials", type=whole, default=1, help="trials at once; more than 1 needs backend=sagemaker")
+    # where the jobs run: the train step's options of the same names
+    for a in train.get_args_parser()._actions:
+        if a.dest in train.SAGEMAKER_OPTS and a.dest != "backend":
+            p.add_argument(*a.option_strings, type=a.type, default=a.default, choices=a.choices, help=a.help)
     return p
 
 
 # the train step's parameters that every trial takes from this step
 FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "seed")
+NOT_SETTINGS = ("workers", "parallel_trials", *train.SAGEMAKER_OPTS)
+
+
+def trial_runner(args: argparse.Namespace, settings, train_args: argparse.Namespace, make_config, classes,
+                 train_df, val_df, staged):
+    """-> runner(number, params, child_run_id) -> the trial's best_<metric>, trained by a SageMaker job."""
+    from bincounter import sagemaker_jobs
+
+    key = f"best_{args.metric}"
+
+    def run(number: int, params: dict, child_id: str) -> float:
+        job = {**train.job_params(train_args, make_config(params)), "hpo_trial": True}
+        sagemaker_jobs.submit_and_wait(settings, job, child_id, classes, train_df, val_df, staged=staged,
+                                       log=lambda m: print(f"hpo: trial {number}: {m}", flush=True))
+        metrics = MlflowClient().get_run(child_id).data.metrics
+        if key not in metrics:
+            raise RuntimeError(f"the job completed but logged no {key} into run {child_id}")
+        return metrics[key]
+
+    return run
 
 
 def main(args: argparse.Namespace) -> str:
     hpo.check_options(args.metric, args.max_evals, args.subset)  # bad parameters fail before a run is opened
+    if args.parallel_trials < 1 or (args.parallel_trials > 1 and args.backend != "sagemaker"):
+        raise ValueError(f"parallel_trials must be at least 1, and more than 1 needs backend=sagemaker; "
+                         f"got {args.parallel_trials} with backend={args.backend}")
+    sm = train.sagemaker_settings(args).validate() if args.backend == "sagemaker" else None
     with tempfile.TemporaryDirectory() as tmp:
         classes, train_df, val_df = train.load_split(args.split_run_id, tmp)
         # a trial is configured exactly as the train step would be with these fixed parameters and its draws
@@ -55,10 +89,19 @@ def main(args: argparse.Namespace) -> str:
 
         with start_step("hpo", args) as run:
             mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
+            runner = None
+            if sm:
+                from bincounter import sagemaker_jobs
+
+                mlflow.set_tag("bincounter.backend", "sagemaker")
+                sub = hpo.train_subset(train_df, args.subset, args.seed)  # what search trains every trial on
+                staged = sagemaker_jobs.stage(sm, f"hpo-{run.info.run_id}", classes, sub, val_df)
+                runner = trial_runner(args, sm, train_args, make_config, classes, sub, val_df, staged)
             hpo.search(make_config, train_df, val_df, metric=args.metric, max_evals=args.max_evals,
                        subset=args.subset, seed=args.seed,
-                       settings={k: v for k, v in vars(args).items() if k != "workers"},  # workers: speed only
-                       space=hpo.space_for(args.weights))
+                       # workers and where the trials run: speed only (parallel_trials: search adds it when > 1)
+                       settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
+                       space=hpo.space_for(args.weights), parallel=args.parallel_trials, trial_runner=runner)
             return run.info.run_id
 
 

@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image_size", type=whole, default=224)
     p.add_argument("--max_steps", type=whole, default=0)
-    p.add_argument("--workers", type=whole, default=2)
+    p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
     p.add_argument("--model_name", default="bin-counter")
     p.add_argument("--seed", type=whole, default=42)
     return p

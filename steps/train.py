@@ -5,6 +5,10 @@ Logs: params (the effective hyperparameters as `hp_*`), per-epoch `train_loss`, 
 `val_accuracy`, `val_rmse`, ... with step=epoch, `learning_curves.png`, `checkpoint/last.pt` after every epoch,
 system metrics, and the best epoch's model as the pyfunc `model`.
 Resume: rerun into the same run (`mlflow run ... --run-id <id>`); it continues after the last finished epoch.
+backend=sagemaker: the same training as a SageMaker training job (bincounter.sagemaker_jobs, docs/sagemaker.md):
+this step opens the run, hands its id to the job, which logs everything above into it; the step waits, prints
+the job's status changes and fails with the job's FailureReason. Tags `bincounter.sagemaker_job`,
+`bincounter.sagemaker_status`.
 """
 from __future__ import annotations
 
@@ -31,12 +35,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", help="imagenet | none | state-dict file | runs:/.. or models:/.. URI")
     p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
     p.add_argument("--image_size", type=whole, default=224)
-    p.add_argument("--workers", type=whole, default=2)
+    p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU; 4-8 with a GPU)")
     p.add_argument("--patience", type=whole, default=3, help="epochs without a better val_loss before stopping; 0 = never")
     p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
     p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
     p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
+                   help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
+    g = p.add_argument_group("backend=sagemaker")
+    g.add_argument("--image_uri", default="", help="training image; default AWS's PyTorch image for the installed torch")
+    g.add_argument("--instance_type", default="ml.g5.xlarge")
+    g.add_argument("--instance_count", type=whole, default=1, help="more than 1: torch distributed data parallel")
+    g.add_argument("--role_arn", default="", help="IAM role the job runs as (required)")
+    g.add_argument("--region", default="", help="AWS region; default AWS_REGION / AWS_DEFAULT_REGION")
+    g.add_argument("--s3_output", default="", help="s3://bucket/prefix for code, data, checkpoints, output (required)")
+    g.add_argument("--spot", type=str2bool, default=True, help="managed spot training, resumed from checkpoints")
+    g.add_argument("--max_wait_seconds", type=whole, default=86400, help="most seconds the job may take, spot waits included")
+    g.add_argument("--data_channel", default="cache", choices=["cache", "bucket"],
+                   help="cache: upload the cached images (once); bucket: the original S3 objects the manifest names")
     return p
+
+
+# the parameters that say where the job runs, not what it trains (not passed to the job)
+SAGEMAKER_OPTS = ("backend", "image_uri", "instance_type", "instance_count", "role_arn", "region", "s3_output",
+                  "spot", "max_wait_seconds", "data_channel")
 
 
 _PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool}
@@ -80,20 +102,53 @@ def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
 
 
+def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) -> str:
+    """Open (or join: MLFLOW_RUN_ID) the train run, train, log curves and the model -> run id. What a local train
+    step does after loading its data, and what a SageMaker job does on its channels' data."""
+    with start_step("train", args, log_system_metrics=True) as run:
+        mlflow.log_params({f"hp_{k}": getattr(cfg, k) for k in TUNABLE})
+        mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
+        mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
+        result = train_run(cfg, train_df, val_df, resume=args.resume)
+        mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
+        log_trained_model(result, cfg, val_df["path"].iloc[0])
+        print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']}, "
+              f"val_accuracy {result['best']['val_accuracy']:.3f}")
+        return run.info.run_id
+
+
+def sagemaker_settings(args: argparse.Namespace):
+    from bincounter.sagemaker_jobs import JobSettings
+
+    return JobSettings(role_arn=args.role_arn, region=args.region, s3_output=args.s3_output,
+                       instance_type=args.instance_type, instance_count=args.instance_count, image_uri=args.image_uri,
+                       spot=args.spot, max_wait_seconds=args.max_wait_seconds, data_channel=args.data_channel)
+
+
+def job_params(args: argparse.Namespace, cfg: TrainConfig) -> dict:
+    """The train step's parameters for the job, the tunables resolved (hpo's best included) so the job needs
+    neither the split run nor the hpo run."""
+    params = {k: v for k, v in vars(args).items() if k not in SAGEMAKER_OPTS}
+    return {**params, **{k: getattr(cfg, k) for k in TUNABLE}}
+
+
 def main(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         classes, train_df, val_df = load_split(args.split_run_id, tmp)
         hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
         cfg = config_from(args, classes, hpo)  # bad parameters fail here, before a run is opened
-        with start_step("train", args, log_system_metrics=True) as run:
+        if args.backend != "sagemaker":
+            return fit_and_log(args, cfg, train_df, val_df)
+        from bincounter import sagemaker_jobs
+
+        settings = sagemaker_settings(args).validate()  # before a run is opened and before any AWS call
+        with start_step("train", args) as run:
+            mlflow.set_tag("bincounter.backend", "sagemaker")
             mlflow.log_params({f"hp_{k}": getattr(cfg, k) for k in TUNABLE})
-            mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
-            mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
-            result = train_run(cfg, train_df, val_df, resume=args.resume)
-            mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
-            log_trained_model(result, cfg, val_df["path"].iloc[0])
-            print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']}, "
-                  f"val_accuracy {result['best']['val_accuracy']:.3f}")
+            sagemaker_jobs.submit_and_wait(settings, job_params(args, cfg), run.info.run_id, classes,
+                                           train_df, val_df)
+            print(f"train: run {run.info.run_id} trained by SageMaker job "
+                  f"{mlflow.get_run(run.info.run_id).data.tags.get('bincounter.sagemaker_job')}")
             return run.info.run_id
 
 
