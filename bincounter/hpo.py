@@ -62,10 +62,16 @@ SEARCH_SPACE = {
 assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
 
 
-def space_for(weights: str) -> dict:
-    """SEARCH_SPACE for these starting weights: a random backbone (weights=none) is never frozen, since only
-    the head would learn."""
-    return {**SEARCH_SPACE, "freeze": {"choice": [False]}} if weights == "none" else SEARCH_SPACE
+def space_for(weights: str, train_size: int | None = None) -> dict:
+    """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, since only the
+    head would learn; batch sizes above the training set are dropped (one step per epoch learns nothing)."""
+    space = dict(SEARCH_SPACE)
+    if weights == "none":
+        space["freeze"] = {"choice": [False]}
+    if train_size is not None:
+        sizes = SEARCH_SPACE["batch_size"]["choice"]
+        space["batch_size"] = {"choice": [b for b in sizes if b <= train_size] or sizes[:1]}
+    return space
 
 # Random trials before TPE starts modelling the results. hyperopt's default (20) is more than a usual search
 # here (max_evals 8), which would make it a pure random search. A constant, not a share of max_evals, so the

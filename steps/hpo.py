@@ -101,7 +101,8 @@ def main(args: argparse.Namespace) -> str:
                        subset=args.subset, seed=args.seed,
                        # workers and where the trials run: speed only (parallel_trials: search adds it when > 1)
                        settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
-                       space=hpo.space_for(args.weights), parallel=args.parallel_trials, trial_runner=runner)
+                       space=hpo.space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed))),
+                       parallel=args.parallel_trials, trial_runner=runner)
             return run.info.run_id
 
 

@@ -113,9 +113,11 @@ def test_hpo_entry_point_end_to_end(split_id):
     assert {"search_space.json", "trials.json", "trials.png"} <= files
     space = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/search_space.json"))
     # weights=none: a random backbone is never frozen, the rest of the space is SEARCH_SPACE
-    assert space["space"] == json.loads(json.dumps(hpo.space_for("none")))
+    assert space["space"] == json.loads(json.dumps(hpo.space_for("none", int(parent.data.metrics["train_size"]))))
+    assert space["space"]["batch_size"] == {"choice": [32]}  # 18 training images: larger batches are dropped
     assert space["space"]["freeze"] == {"choice": [False]} and all(t.data.params["freeze"] == "False" for t in trials)
     assert hpo.space_for("imagenet") == hpo.SEARCH_SPACE
+    assert hpo.space_for("imagenet", 100)["batch_size"] == {"choice": [32, 64]}
 
 
 def test_failed_trial_is_recorded_and_the_search_goes_on(split_id, monkeypatch):
