@@ -25,10 +25,11 @@ from bincounter.transforms import ImageError, decode_image
 
 MODES = ("create", "replace")
 MAX_PAYLOAD = 5 * 1024 * 1024  # SageMaker refuses invocation bodies over 6 MB: batch below that
-_ROLE_ARN = re.compile(r"^arn:aws(-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
-_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
+# AWS names, also checked by sagemaker_jobs
+ROLE_ARN = re.compile(r"^arn:aws(-cn|-us-gov)?:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _ENDPOINT = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-_INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
+INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ECR_IMAGE = re.compile(r"^\d{12}\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+"
                         r"(:[\w.-]{1,128}|@sha256:[0-9a-f]{64})?$")
@@ -63,12 +64,12 @@ class Settings:
         if not _ENDPOINT.match(self.endpoint):
             problems.append(f"endpoint {self.endpoint!r} is not a SageMaker endpoint name (letters, digits and "
                             "hyphens, at most 63, starting with a letter or digit)")
-        if not _REGION.match(self.region):
+        if not REGION.match(self.region):
             problems.append(f"region {self.region!r} is not an AWS region name like us-east-1")
         if not self.execution_role_arn:
             problems.append("execution_role_arn is required: the IAM role SageMaker assumes to pull the image and "
                             "the model (arn:aws:iam::<account>:role/<name>)")
-        elif not _ROLE_ARN.match(self.execution_role_arn):
+        elif not ROLE_ARN.match(self.execution_role_arn):
             problems.append(f"execution_role_arn {self.execution_role_arn!r} is not an IAM role ARN "
                             "(arn:aws:iam::<12-digit account>:role/<name>)")
         if self.image_url:
@@ -81,7 +82,7 @@ class Settings:
                                 "needs the image in the endpoint's region")
         if self.bucket and not _BUCKET.match(self.bucket):
             problems.append(f"bucket {self.bucket!r} is not an S3 bucket name")
-        if not _INSTANCE_TYPE.match(self.instance_type):
+        if not INSTANCE_TYPE.match(self.instance_type):
             problems.append(f"instance_type {self.instance_type!r} is not a SageMaker instance type like ml.m5.large")
         if not isinstance(self.instance_count, int) or isinstance(self.instance_count, bool) or self.instance_count < 1:
             problems.append(f"instance_count must be a whole number >= 1, got {self.instance_count!r}")

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bincounter.deploy import INSTANCE_TYPE, REGION, ROLE_ARN  # one spelling of AWS names
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
 ENTRY = "sm_entry.py"
@@ -48,11 +50,8 @@ TERMINAL = {"Completed", "Failed", "Stopped"}
 JOB_REQUIREMENTS = ["mlflow==3.17.2", "sagemaker-mlflow", "boto3>=1.34", "Pillow>=10", "pandas>=2.0",
                     "matplotlib>=3.7", "tqdm>=4.66", "PyYAML>=6"]
 
-_ROLE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
-_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")
 _S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
 _MLFLOW_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:mlflow-(tracking-server|app)/.+$")
-_INSTANCE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
 
 
 class JobFailed(RuntimeError):
@@ -84,17 +83,17 @@ class JobSettings:
         if not self.role_arn:
             problems.append("role_arn is required: the IAM role SageMaker runs the job as "
                             "(arn:aws:iam::<account>:role/<name>)")
-        elif not _ROLE.match(self.role_arn):
+        elif not ROLE_ARN.match(self.role_arn):
             problems.append(f"role_arn {self.role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
         if not self.region:
             problems.append("region is required (-P region=..., or AWS_REGION / AWS_DEFAULT_REGION)")
-        elif not _REGION.match(self.region):
+        elif not REGION.match(self.region):
             problems.append(f"region {self.region!r} is not an AWS region name such as us-east-1")
         if not self.s3_output:
             problems.append("s3_output is required: an s3://bucket/prefix for code, data, checkpoints and output")
         elif not _S3.match(self.s3_output):
             problems.append(f"s3_output {self.s3_output!r} is not an s3://bucket/prefix URI")
-        if not _INSTANCE.match(self.instance_type):
+        if not INSTANCE_TYPE.match(self.instance_type):
             problems.append(f"instance_type {self.instance_type!r} is not a SageMaker instance type such as ml.g5.xlarge")
         if self.instance_count < 1:
             problems.append(f"instance_count must be at least 1, got {self.instance_count}")
