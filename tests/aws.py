@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import urllib.request
+import uuid
 from dataclasses import dataclass
 
+import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -57,3 +59,15 @@ def aws(moto_server, monkeypatch) -> Moto:
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
     return moto_server
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"  # moto's state is shared by the whole test process
+
+
+@pytest.fixture
+def bucket(aws) -> str:
+    """A new, empty S3 bucket on the moto server."""
+    name = unique("bc-bucket")
+    boto3.client("s3", region_name=REGION).create_bucket(Bucket=name)
+    return name

@@ -2,12 +2,11 @@
 before any AWS call."""
 from __future__ import annotations
 
-import uuid
 
 import boto3
 import mlflow
 import pytest
-from aws import IMAGE_URL, REGION, ROLE_ARN, SECRET, aws, moto_server  # noqa: F401 (fixtures)
+from aws import IMAGE_URL, REGION, ROLE_ARN, SECRET, aws, bucket, moto_server, unique  # noqa: F401 (fixtures)
 from conftest import last_run, run_entry
 from conftest_serving import CLASSES, tiny_model  # noqa: F401 (fixture)
 from mlflow.deployments import get_deploy_client
@@ -18,23 +17,12 @@ from bincounter import deploy
 from steps import deploy as deploy_step
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"  # moto's state is shared by the whole test process
-
-
 @pytest.fixture
 def champion(tiny_model) -> str:  # noqa: F811
     name = unique("bc-deploy")
     mv = mlflow.register_model(tiny_model.model_uri, name)
     mlflow.MlflowClient().set_registered_model_alias(name, "champion", mv.version)
     return f"models:/{name}@champion"
-
-
-@pytest.fixture
-def bucket(aws) -> str:  # noqa: F811
-    name = unique("bc-models")
-    boto3.client("s3", region_name=REGION).create_bucket(Bucket=name)
-    return name
 
 
 def settings(model_uri: str, bucket: str, **kw) -> deploy.Settings:

@@ -8,13 +8,12 @@ import copy
 import io
 import json
 import tarfile
-import uuid
 from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
-from aws import ACCOUNT, REGION, ROLE_ARN, aws, moto_server  # noqa: F401 (fixtures)
+from aws import ACCOUNT, REGION, ROLE_ARN, aws, bucket, moto_server, unique  # noqa: F401 (fixtures)
 from helpers_data import make_split_run
 from mlflow.tracking import MlflowClient
 
@@ -24,17 +23,6 @@ from steps import train
 IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/bincounter-train:test"
 JOB_TRACKING = "http://mlflow.internal.example:5000"
 TINY = dict(arch="resnet18", weights="none", image_size=32, epochs=1, max_steps=1, workers=0, batch_size=8)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"  # moto's state is shared by the whole test process
-
-
-@pytest.fixture
-def bucket(aws) -> str:  # noqa: F811
-    name = unique("bc-train")
-    boto3.client("s3", region_name=REGION).create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture
