@@ -81,3 +81,12 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: bool
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")
     return model
+
+
+def probabilities(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """A batch of preprocessed images -> class probabilities [N, C]. With `tta` the mean over the image and
+    its mirror image (test-time augmentation: the flip training already shows the model)."""
+    p = model(x).float().softmax(1)
+    if tta:
+        p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
+    return p

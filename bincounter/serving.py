@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from bincounter.model import WEIGHTS_FILE, build_model
+from bincounter.model import WEIGHTS_FILE, build_model, probabilities
 from bincounter.transforms import EvalPreset, ImageError, decode_image
 
 CONFIG_FILE = "model_config.json"
@@ -56,6 +56,7 @@ class BinCounter:
         self.config = config
         self.classes = [int(c) for c in config["classes"]]
         self.transform = EvalPreset(int(config["image_size"]))
+        self.tta = bool(config.get("tta", False))  # models logged before test-time augmentation existed: off
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -83,7 +84,7 @@ class BinCounter:
                     errors[i] = str(e)
             if tensors:
                 x = torch.stack(tensors).to(self.device)
-                probs[idx] = self.model(x).float().softmax(1).cpu().numpy()
+                probs[idx] = probabilities(self.model, x, self.tta).cpu().numpy()
         return probs, errors
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:

@@ -22,14 +22,14 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from bincounter import metrics
 from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
-from bincounter.model import build_model
-from bincounter.transforms import EvalPreset, TrainPreset
+from bincounter.model import build_model, probabilities
+from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
 
 CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
 OPTIMIZERS = ("adamw", "sgd", "adam")
@@ -52,6 +52,13 @@ class TrainConfig:
     max_steps: int = 0  # train batches per epoch, 0 = all (tests and quick trials)
     workers: int = 0  # data-loading processes: on a 2-core CPU they only steal cores from the math (bench/train.py)
     seed: int = 42
+    # levers for few training images (bench/few_real.py measures each): see CountLoss, TrainPreset, lr_factor
+    ordinal_weight: float = 0.0  # weight of the squared count error beside cross-entropy; 0 = cross-entropy only
+    label_smoothing: float = 0.0
+    balanced: bool = False  # draw every count equally often (with replacement) instead of shuffling
+    augment: str = "light"
+    warmup_epochs: int = 0  # linear warm-up before the cosine decay
+    tta: bool = False  # predict on the image and its mirror image (validation, evaluate and serving)
     classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
     def validate(self) -> "TrainConfig":
@@ -66,6 +73,11 @@ class TrainConfig:
             (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (len(self.classes) >= 2, f"need at least 2 count classes, got {self.classes}"),
+            (self.ordinal_weight >= 0, f"ordinal_weight must be >= 0, got {self.ordinal_weight}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (0 <= self.warmup_epochs < self.epochs,
+             f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}"),
             (self.weights in ("imagenet", "none") or self.weights.startswith(("runs:/", "models:/"))
              or Path(self.weights).is_file(),
              f"weights {self.weights!r} is not imagenet, none, a model URI or an existing file"),
@@ -100,6 +112,41 @@ def setup_device() -> torch.device:
         return torch.device("cuda")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return torch.device("cpu")
+
+
+class CountLoss(nn.Module):
+    """Cross-entropy (with label smoothing) plus `ordinal_weight` x the squared difference between the expected
+    count under the predicted distribution and the true count: classes are counts, and answering 5 for a bin
+    of 1 is worse than answering 2. Logits [N, C], class indices [N] -> scalar."""
+
+    def __init__(self, classes: list[int], ordinal_weight: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.ordinal_weight = ordinal_weight
+        self.register_buffer("counts", torch.tensor(classes, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.ce(logits, y)
+        if self.ordinal_weight:
+            expected = logits.float().softmax(1) @ self.counts
+            loss = loss + self.ordinal_weight * ((expected - self.counts[y]) ** 2).mean()
+        return loss
+
+
+def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """The learning rate's multiplier in (0-based) `epoch`: linear warm-up over `warmup` epochs, then a cosine
+    decay over the rest (warmup=0: torch's CosineAnnealingLR)."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+
+def balanced_sampler(labels: list[int], seed: int) -> WeightedRandomSampler:
+    """Draws len(labels) indices with replacement, every class equally likely; the draws depend on `seed` only."""
+    freq = np.bincount(labels)
+    weights = torch.as_tensor(1.0 / freq[labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, len(labels), replacement=True,
+                                 generator=torch.Generator().manual_seed(seed))
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -143,23 +190,23 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_ste
 
 
 @torch.no_grad()
-def predict(model, loader, device) -> tuple[np.ndarray, np.ndarray]:
-    """-> (class probabilities [N, C], true class indices [N])."""
+def predict(model, loader, device, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """-> (class probabilities [N, C], true class indices [N]); `tta` as in model.probabilities."""
     model.eval()
     amp = device.type == "cuda"
     probs, labels = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last if amp else torch.contiguous_format)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            out = model(x)
-        probs.append(out.float().softmax(1).cpu().numpy())
+            p = probabilities(model, x, tta)
+        probs.append(p.cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def evaluate(model, loader, device, classes: list[int]) -> dict[str, float]:
+def evaluate(model, loader, device, classes: list[int], tta: bool = False) -> dict[str, float]:
     """-> {loss, accuracy, rmse, mae, within1_accuracy} over `loader`."""
-    probs, y = predict(model, loader, device)
+    probs, y = predict(model, loader, device, tta)
     loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
     c = np.asarray(classes)
     return {"loss": loss, **metrics.count_metrics(c[y], c[probs.argmax(1)])}
@@ -232,10 +279,10 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
         model = model.to(memory_format=torch.channels_last)
     net = model  # what is saved, evaluated and returned; `model` is what trains (DDP-wrapped when distributed)
     optimizer = make_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.warmup_epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    criterion = nn.CrossEntropyLoss()
-    train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size))
+    criterion = CountLoss(cfg.classes, cfg.ordinal_weight, cfg.label_smoothing).to(device)
+    train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size, cfg.augment))
     val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size)), cfg.batch_size,
                              cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
 
@@ -260,6 +307,8 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
         start, history = state["epoch"] + 1, state["history"]
         best, best_epoch, best_loss, bad = state["best_model"], state["best_epoch"], state["best_loss"], state["bad_epochs"]
         print(f"train: resuming run {run_id} after epoch {state['epoch']}")
+    if world > 1 and cfg.balanced:
+        raise ValueError("balanced sampling is not available in distributed training; use balanced=false")
     sampler = None
     if world > 1:
         # each process a disjoint share; order depends on (seed, epoch) only, as below
@@ -275,18 +324,20 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
         # order and augmentation draws depend on (seed, epoch) only: resume replays the same batches
         if sampler:
             sampler.set_epoch(epoch)
+        draw = balanced_sampler(train_ds.labels, cfg.seed * 1000 + epoch) if cfg.balanced else sampler
         loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                             pin_memory=device.type == "cuda", sampler=sampler)
+                             pin_memory=device.type == "cuda", sampler=draw)
+        lr = optimizer.param_groups[0]["lr"]  # this epoch's (the scheduler steps after it)
         tr = train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg.max_steps,
                              desc=f"epoch {epoch}/{cfg.epochs}")
         scheduler.step()
-        va = evaluate(net, val_loader, device, cfg.classes)
+        va = evaluate(net, val_loader, device, cfg.classes, cfg.tta)
         if world > 1:  # rank 0's numbers decide early stopping everywhere (BatchNorm buffers may differ a little)
             shared = [va]
             dist.broadcast_object_list(shared, src=0)
             va = shared[0]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-               **{f"val_{k}": v for k, v in va.items()}, "lr": scheduler.get_last_lr()[0]}
+               **{f"val_{k}": v for k, v in va.items()}, "lr": lr}
         history.append(row)
         if lead and epoch not in logged:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)

@@ -52,18 +52,27 @@ def _normalize() -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
 
 
-class TrainPreset:
-    """Augmentation suited to bins seen from above: the eval geometry with a mild shift and zoom (a hard
-    crop would cut items out and make the count wrong), colour jitter, horizontal flip only (the label strip
-    and elastic bands have an up and down)."""
+AUGMENTS = ("light", "strong")
 
-    def __init__(self, image_size: int):
+
+class TrainPreset:
+    """Augmentation suited to bins seen from above: the eval geometry with a shift, zoom and (strong) a small
+    rotation (a hard crop would cut items out and make the count wrong), colour jitter, horizontal flip only
+    (the label strip and elastic bands have an up and down). `strong` draws wider for few training images."""
+
+    def __init__(self, image_size: int, augment: str = "light"):
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        strong = augment == "strong"
         self.t = T.Compose([
             T.Resize(image_size, antialias=True),
             T.CenterCrop(image_size),
-            T.RandomAffine(degrees=0, translate=(0.04, 0.04), scale=(0.95, 1.05)),
+            T.RandomAffine(degrees=8 if strong else 0, translate=(0.08, 0.08) if strong else (0.04, 0.04),
+                           scale=(0.9, 1.1) if strong else (0.95, 1.05)),
             T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05) if strong
+            else T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            *([T.RandomGrayscale(0.1)] if strong else []),
             *_normalize(),
         ])
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from bincounter import metrics, serving
 from bincounter.manifest import read_manifest, write_csv
-from bincounter.runs import download, download_uri, finished_run, start_step, whole
+from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default="", help="a manifest.csv file or runs:/ URI, instead of a split run")
     p.add_argument("--batch_size", type=whole, default=32)
     p.add_argument("--workers", type=whole, default=2, help="threads reading images")
+    p.add_argument("--tta", default="", help="empty: as the model was trained; true/false: with or without "
+                   "test-time augmentation (the mirror image)")
     return p
 
 
@@ -74,6 +76,8 @@ def main(args: argparse.Namespace) -> str:
         if test.empty:
             raise ValueError("nothing to evaluate: the test data is empty")
         counter = serving.load(args.model_uri)
+        if args.tta != "":
+            counter.tta = str2bool(args.tta)
         with start_step("evaluate", args) as run:
             preds = score(counter, test, args.batch_size, args.workers)
             ok = preds[preds["error"].isna()]

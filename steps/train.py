@@ -23,6 +23,7 @@ from bincounter import metrics, serving
 from bincounter.manifest import read_manifest
 from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
 from bincounter.training import TUNABLE, TrainConfig, train_run
+from bincounter.transforms import AUGMENTS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
     p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
     p.add_argument("--seed", type=whole, default=42)
+    g = p.add_argument_group("levers for few training images (README: learning from few real bins)")
+    g.add_argument("--ordinal_weight", type=float, default=TrainConfig.ordinal_weight,
+                   help="weight of the squared count error beside cross-entropy; 0 = cross-entropy only")
+    g.add_argument("--label_smoothing", type=float, default=TrainConfig.label_smoothing)
+    g.add_argument("--balanced", type=str2bool, default=TrainConfig.balanced,
+                   help="draw every count equally often instead of shuffling")
+    g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS))
+    g.add_argument("--warmup_epochs", type=whole, default=TrainConfig.warmup_epochs,
+                   help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
+                   help="the model also looks at the mirror image (validation, evaluate, serving)")
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
     g = p.add_argument_group("backend=sagemaker")
@@ -97,7 +109,7 @@ def load_split(split_run_id: str, tmp: str):
 
 def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
     """Log the best model as the pyfunc `model` with a real image as its input example."""
-    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size,
+    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, "tta": cfg.tta,
               "best_epoch": result["best_epoch"]}
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
 

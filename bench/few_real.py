@@ -1,0 +1,150 @@
+"""Learning from few real bins: each training lever measured on held-out real ABID bins, through the steps.
+
+Runs the project's own entry points (`mlflow run . -e ...`): ingest the real sample (`--data_dir`, counts 1-5)
+-> split (60/20/20, stratified, seeded) -> for every config: train (weights=none: no ImageNet), evaluate on
+the test split without and with test-time augmentation. A config with `pretrain` first trains on generated
+bins and fine-tunes from that model (`weights=runs:/<id>/model`). Prints a table with the majority baseline;
+results go to bench/results/few_real.jsonl, and a rerun skips the configs already there (same settings).
+
+    MLFLOW_TRACKING_URI=sqlite:///bench.db python bench/few_real.py --configs plain,levers
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "few_real.jsonl"
+LEVERS = {"ordinal_weight": 1.0, "label_smoothing": 0.1, "balanced": "true", "augment": "strong",
+          "warmup_epochs": 2}
+CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" -> generated bins first
+    "plain": {},
+    "levers": LEVERS,
+    "levers-no-ordinal": {**LEVERS, "ordinal_weight": 0.0},
+    "levers-no-balanced": {**LEVERS, "balanced": "false"},
+    "levers-light-augment": {**LEVERS, "augment": "light"},
+    "levers-no-smoothing": {**LEVERS, "label_smoothing": 0.0},
+    "pretrain+levers": {**LEVERS, "pretrain": {"num_images": 3000, "epochs": 4}},
+    "pretrain+plain": {"pretrain": {"num_images": 3000, "epochs": 4}},
+}
+
+
+def mlflow_run(entry: str, params: dict, log: Path) -> str:
+    """`mlflow run . -e entry -P k=v ...` with output appended to `log` -> the run id. Raises on failure."""
+    cmd = ["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local"]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    ids = re.findall(r"Run \(ID '(\w+)'\) succeeded", log.read_text())
+    if done.returncode or not ids:
+        raise RuntimeError(f"{entry} failed (exit {done.returncode}); see {log}")
+    return ids[-1]
+
+
+def metrics_of(run_id: str) -> dict:
+    return mlflow.get_run(run_id).data.metrics
+
+
+def run_config(name: str, spec: dict, common: dict, split_id: str, args, log: Path) -> dict:
+    params = {k: v for k, v in spec.items() if k != "pretrain"}
+    start = time.time()
+    weights = "none"
+    if "pretrain" in spec:
+        pre = spec["pretrain"]
+        ing = mlflow_run("ingest", {"source": "synthetic", "num_images": pre["num_images"],
+                                    "cache_dir": args.cache_dir, "seed": args.seed}, log)
+        syn_split = mlflow_run("split", {"ingest_run_id": ing, "seed": args.seed}, log)
+        syn = mlflow_run("train", {"split_run_id": syn_split, **common, "epochs": pre["epochs"], "patience": 0}, log)
+        weights = f"runs:/{syn}/model"
+    train = mlflow_run("train", {"split_run_id": split_id, **common, "weights": weights, **params}, log)
+    row = {"config": name, "params": spec, "common": common, "split_run_id": split_id, "train_run_id": train,
+           "best_epoch": int(metrics_of(train)["best_epoch"]),
+           "epochs_run": len(mlflow.MlflowClient().get_metric_history(train, "val_loss"))}
+    for tta in ("false", "true"):
+        ev = metrics_of(mlflow_run("evaluate", {"model_uri": f"runs:/{train}/model", "split_run_id": split_id,
+                                                "tta": tta}, log))
+        key = "tta" if tta == "true" else "plain"
+        row[key] = {k[5:]: ev[k] for k in ("test_accuracy", "test_rmse", "test_mae", "test_within1_accuracy")}
+        row["baseline"] = {k[9:]: ev[k] for k in ("baseline_accuracy", "baseline_rmse", "baseline_mae",
+                                                   "baseline_within1_accuracy")}
+        row["test_size"] = int(ev["test_size"])
+    row["minutes"] = round((time.time() - start) / 60, 1)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| config | epochs (best) | accuracy | RMSE | MAE | within 1 | accuracy, TTA | RMSE, TTA | minutes |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    if rows:
+        b = rows[0]["baseline"]
+        out.append(f"| majority baseline | - | {b['accuracy']:.3f} | {b['rmse']:.3f} | {b['mae']:.3f} | "
+                   f"{b['within1_accuracy']:.3f} | - | - | - |")
+    for r in rows:
+        p, t = r["plain"], r["tta"]
+        out.append(f"| {r['config']} | {r['epochs_run']} ({r['best_epoch']}) | {p['accuracy']:.3f} | {p['rmse']:.3f} | "
+                   f"{p['mae']:.3f} | {p['within1_accuracy']:.3f} | {t['accuracy']:.3f} | {t['rmse']:.3f} | "
+                   f"{r['minutes']} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "abid-sample"))
+    p.add_argument("--split_run_id", default="", help="reuse this split of the real sample instead of ingesting")
+    p.add_argument("--configs", default="plain,levers", help=f"comma-separated, of {sorted(CONFIGS)}")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--cache_dir", default=str(ROOT / "data"))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log", default=str(ROOT / "bench" / "results" / "few_real.log"))
+    args = p.parse_args()
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        sys.exit("set MLFLOW_TRACKING_URI (e.g. sqlite:///bench.db): the steps talk through it")
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    split_id = args.split_run_id
+    if not split_id:
+        ing = mlflow_run("ingest", {"source": "local", "data_dir": args.data_dir, "file_list": "all",
+                                    "cache_dir": args.cache_dir, "seed": args.seed}, log)
+        split_id = mlflow_run("split", {"ingest_run_id": ing, "seed": args.seed}, log)
+    common = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "patience": args.patience,
+              "seed": args.seed}
+    done = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    rows = []
+    for name in names:
+        prev = next((r for r in done if r["config"] == name and r["common"] == common and r["params"] == CONFIGS[name]
+                     and r["split_run_id"] == split_id), None)
+        if prev:
+            print(f"few_real: {name}: already measured (train run {prev['train_run_id']})")
+            rows.append(prev)
+            continue
+        print(f"few_real: {name}: training ({CONFIGS[name] or 'defaults'}); log {log}", flush=True)
+        row = run_config(name, CONFIGS[name], common, split_id, args, log)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        print(table(rows), flush=True)
+    print(f"\nheld-out real bins: {rows[0]['test_size'] if rows else 0} test images of split run {split_id}; "
+          f"{args.arch}, {args.image_size} px, weights none, at most {args.epochs} epochs (patience {args.patience})")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
