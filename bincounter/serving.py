@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from bincounter.model import WEIGHTS_FILE, build_model, probabilities
+from bincounter.model import WEIGHTS_FILE, build_model, decide, probabilities
 from bincounter.transforms import EvalPreset, ImageError, decode_image
 
 CONFIG_FILE = "model_config.json"
@@ -56,7 +56,9 @@ class BinCounter:
         self.config = config
         self.classes = [int(c) for c in config["classes"]]
         self.transform = EvalPreset(int(config["image_size"]))
-        self.tta = bool(config.get("tta", False))  # models logged before test-time augmentation existed: off
+        # models logged before these options existed: no test-time augmentation, the most likely count
+        self.tta = bool(config.get("tta", False))
+        self.decision = config.get("decision", "argmax")
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -88,10 +90,11 @@ class BinCounter:
         return probs, errors
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:
-        """Probabilities -> count, confidence, p_<count> columns."""
-        best = np.nan_to_num(probs, nan=-1).argmax(1)
+        """Probabilities -> count (per the model's decision rule), confidence (that count's probability),
+        p_<count> columns."""
+        best = decide(probs, self.decision)
         out = pd.DataFrame({"count": np.asarray(self.classes)[best].astype("int64"),
-                            "confidence": probs.max(1).astype("float64")})
+                            "confidence": probs[np.arange(len(best)), best].astype("float64")})
         for j, c in enumerate(self.classes):
             out[f"p_{c}"] = probs[:, j].astype("float64")
         return out

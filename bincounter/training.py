@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bincounter import metrics
 from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
-from bincounter.model import build_model, probabilities
+from bincounter.model import DECISIONS, build_model, decide, probabilities
 from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
 
 CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
@@ -59,6 +59,7 @@ class TrainConfig:
     augment: str = "light"
     warmup_epochs: int = 0  # linear warm-up before the cosine decay
     tta: bool = False  # predict on the image and its mirror image (validation, evaluate and serving)
+    decision: str = "argmax"  # probabilities -> count (model.decide), in validation, evaluate and serving
     classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
     def validate(self) -> "TrainConfig":
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.ordinal_weight >= 0, f"ordinal_weight must be >= 0, got {self.ordinal_weight}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (self.decision in DECISIONS, f"decision must be one of {DECISIONS}, got {self.decision!r}"),
             (0 <= self.warmup_epochs < self.epochs,
              f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}"),
             (self.weights in ("imagenet", "none") or self.weights.startswith(("runs:/", "models:/"))
@@ -204,12 +206,12 @@ def predict(model, loader, device, tta: bool = False) -> tuple[np.ndarray, np.nd
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def evaluate(model, loader, device, classes: list[int], tta: bool = False) -> dict[str, float]:
-    """-> {loss, accuracy, rmse, mae, within1_accuracy} over `loader`."""
+def evaluate(model, loader, device, classes: list[int], tta: bool = False, decision: str = "argmax") -> dict[str, float]:
+    """-> {loss, accuracy, rmse, mae, within1_accuracy} over `loader`; `tta`, `decision` as in bincounter.model."""
     probs, y = predict(model, loader, device, tta)
     loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
     c = np.asarray(classes)
-    return {"loss": loss, **metrics.count_metrics(c[y], c[probs.argmax(1)])}
+    return {"loss": loss, **metrics.count_metrics(c[y], c[decide(probs, decision)])}
 
 
 def job_checkpoint_dir() -> Path | None:
@@ -331,7 +333,7 @@ def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, re
         tr = train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg.max_steps,
                              desc=f"epoch {epoch}/{cfg.epochs}")
         scheduler.step()
-        va = evaluate(net, val_loader, device, cfg.classes, cfg.tta)
+        va = evaluate(net, val_loader, device, cfg.classes, cfg.tta, cfg.decision)
         if world > 1:  # rank 0's numbers decide early stopping everywhere (BatchNorm buffers may differ a little)
             shared = [va]
             dist.broadcast_object_list(shared, src=0)

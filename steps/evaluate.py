@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from bincounter import metrics, serving
 from bincounter.manifest import read_manifest, write_csv
+from bincounter.model import DECISIONS
 from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
 
 
@@ -30,6 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=whole, default=2, help="threads reading images")
     p.add_argument("--tta", default="", help="empty: as the model was trained; true/false: with or without "
                    "test-time augmentation (the mirror image)")
+    p.add_argument("--decision", default="", choices=["", *DECISIONS],
+                   help="empty: as the model was trained; argmax or median: that rule instead")
     return p
 
 
@@ -78,6 +81,8 @@ def main(args: argparse.Namespace) -> str:
         counter = serving.load(args.model_uri)
         if args.tta != "":
             counter.tta = str2bool(args.tta)
+        if args.decision:
+            counter.decision = args.decision
         with start_step("evaluate", args) as run:
             preds = score(counter, test, args.batch_size, args.workers)
             ok = preds[preds["error"].isna()]

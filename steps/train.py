@@ -23,6 +23,7 @@ from bincounter import metrics, serving
 from bincounter.manifest import read_manifest
 from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
 from bincounter.training import TUNABLE, TrainConfig, train_run
+from bincounter.model import DECISIONS
 from bincounter.transforms import AUGMENTS
 
 
@@ -52,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="linear learning-rate warm-up before the cosine decay")
     g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
                    help="the model also looks at the mirror image (validation, evaluate, serving)")
+    g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
+                   help="probabilities -> count: the most likely count, or the median of the distribution")
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
     g = p.add_argument_group("backend=sagemaker")
@@ -110,7 +113,7 @@ def load_split(split_run_id: str, tmp: str):
 def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
     """Log the best model as the pyfunc `model` with a real image as its input example."""
     config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, "tta": cfg.tta,
-              "best_epoch": result["best_epoch"]}
+              "decision": cfg.decision, "best_epoch": result["best_epoch"]}
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
 
 

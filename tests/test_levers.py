@@ -1,0 +1,147 @@
+"""The levers for few training images: each a train parameter that does what it says (bench/few_real.py says
+whether it helps)."""
+import math
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import last_run, run_entry
+from helpers_data import make_split_run
+from test_train import TINY
+
+from bincounter.model import build_model, probabilities
+from bincounter.training import CountLoss, balanced_sampler, lr_factor
+from bincounter.transforms import TrainPreset
+
+CLASSES = [1, 2, 3, 4, 5]
+
+
+def test_ordinal_weight_makes_a_far_miss_cost_more_than_a_near_one():
+    y = torch.tensor([0])  # true count 1
+    near = torch.tensor([[2.0, 4.0, 0.0, 0.0, 0.0]])  # mass on count 2
+    far = torch.tensor([[2.0, 0.0, 0.0, 0.0, 4.0]])  # the same mass on count 5: equal cross-entropy
+    plain, ordinal = CountLoss(CLASSES), CountLoss(CLASSES, ordinal_weight=1.0)
+    assert plain(near, y) == pytest.approx(plain(far, y).item())
+    assert ordinal(far, y) > ordinal(near, y) > plain(near, y)
+    p = near.softmax(1)[0]
+    expected = float(p @ torch.tensor(CLASSES, dtype=torch.float32))
+    assert ordinal(near, y) - plain(near, y) == pytest.approx((expected - 1) ** 2, rel=1e-5)
+
+
+def test_label_smoothing_penalises_overconfidence():
+    y = torch.tensor([2])
+    confident = torch.tensor([[0.0, 0.0, 20.0, 0.0, 0.0]])
+    assert CountLoss(CLASSES)(confident, y) < 1e-6
+    assert CountLoss(CLASSES, label_smoothing=0.1)(confident, y) > 0.5
+
+
+def test_balanced_sampler_draws_every_count_about_equally_and_repeats_by_seed():
+    labels = [0] * 900 + [1] * 100
+    draws = list(balanced_sampler(labels, seed=7))
+    assert len(draws) == len(labels)
+    share_rare = np.mean([labels[i] == 1 for i in draws])
+    assert 0.45 < share_rare < 0.55  # shuffling would give 0.10
+    assert list(balanced_sampler(labels, seed=7)) == draws
+    assert list(balanced_sampler(labels, seed=8)) != draws
+
+
+def test_warmup_rises_linearly_then_decays_like_torch_cosine():
+    assert [lr_factor(e, 10, 3) for e in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert lr_factor(3, 10, 3) == 1.0
+    decay = [lr_factor(e, 10, 3) for e in range(3, 10)]
+    assert decay == sorted(decay, reverse=True) and decay[-1] > 0
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    torch_lrs = []
+    for _ in range(10):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert [lr_factor(e, 10, 0) for e in range(10)] == pytest.approx(torch_lrs)
+
+
+def test_strong_augmentation_draws_wider_and_unknown_names_are_refused():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    spread = {}
+    for name in ("light", "strong"):
+        t = TrainPreset(48, name)
+        torch.manual_seed(0)
+        outs = torch.stack([t(img) for _ in range(16)])
+        assert outs.shape == (16, 3, 48, 48)
+        spread[name] = outs.std(0).mean().item()
+    assert spread["strong"] > spread["light"]
+    with pytest.raises(ValueError, match="augment must be one of"):
+        TrainPreset(48, "wild")
+
+
+def test_tta_averages_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        both = probabilities(model, x, tta=True)
+        assert torch.allclose(both, probabilities(model, torch.flip(x, dims=[3]), tta=True), atol=1e-6)
+        plain = probabilities(model, x)
+        assert not torch.allclose(both, plain, atol=1e-4)
+        assert torch.allclose(both.sum(1), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--ordinal_weight", "-1"], "ordinal_weight must be >= 0"),
+    (["--label_smoothing", "1"], "label_smoothing must be in"),
+    (["--warmup_epochs", "10"], "warmup_epochs must be >= 0 and below epochs"),
+    (["--augment", "wild"], "invalid choice"),
+    (["--decision", "mean"], "invalid choice"),
+])
+def test_bad_lever_values_fail_before_training(tmp_path, capsys, override, message):
+    from steps import train
+
+    split = make_split_run(tmp_path, n=20, size=32)
+    parser = train.get_args_parser()
+    if message == "invalid choice":  # refused by the parser itself, naming the option and the choices
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--split_run_id", split, *override])
+        err = capsys.readouterr().err
+        assert message in err and override[0].lstrip("-") in err and repr(override[1]) in err
+        return
+    with pytest.raises(ValueError, match=message):
+        train.main(parser.parse_args(["--split_run_id", split, "--weights", "none", *override]))
+    assert not mlflow.search_runs(filter_string="tags.`bincounter.step` = 'train'", output_format="list")
+
+
+def test_levers_through_mlflow_run_reach_the_model_and_evaluate(tmp_path):
+    split = make_split_run(tmp_path, n=40, size=48)
+    levers = dict(ordinal_weight=0.5, label_smoothing=0.1, balanced="true", augment="strong", warmup_epochs=1,
+                  tta="true", decision="median")
+    run_entry("train", dict(split_run_id=split, **{**TINY, "epochs": 3}, **levers))
+    train = last_run("train")
+    assert train.info.status == "FINISHED"
+    lrs = [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(train.info.run_id, "lr"),
+                                   key=lambda m: m.step)]
+    assert lrs == pytest.approx([0.0005, 0.001, 0.5 * 0.001 * (1 + math.cos(math.pi / 2))])
+    counter = mlflow.pyfunc.load_model(f"runs:/{train.info.run_id}/model").unwrap_python_model().counter
+    assert counter.tta is True and counter.decision == "median"  # serving as validated
+    results = {}
+    for tta in ("true", "false"):
+        run_entry("evaluate", dict(model_uri=f"runs:/{train.info.run_id}/model", split_run_id=split, tta=tta))
+        ev = last_run("evaluate")
+        assert ev.data.params["tta"] == tta
+        results[tta] = mlflow.artifacts.load_text(f"runs:/{ev.info.run_id}/predictions.csv")
+    assert results["true"] != results["false"]  # the override reaches the predictions
+
+
+def test_median_decision_answers_the_middle_of_an_unsure_distribution():
+    from bincounter.model import decide
+
+    probs = np.array([[0.40, 0.05, 0.10, 0.05, 0.40],  # unsure between the ends: argmax 1, median 3
+                      [0.10, 0.60, 0.10, 0.10, 0.10],  # sure: both 2
+                      [0.05, 0.05, 0.10, 0.30, 0.50],  # cumulative 0.2, 0.5 at count 4
+                      [np.nan] * 5])  # an unreadable image
+    assert decide(probs, "argmax").tolist() == [0, 1, 4, 0]
+    assert decide(probs, "median").tolist() == [2, 1, 3, 0]
+    with pytest.raises(ValueError, match="decision must be one of"):
+        decide(probs, "mean")
