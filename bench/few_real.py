@@ -74,8 +74,15 @@ def run_config(name: str, spec: dict, common: dict, split_id: str, args, log: Pa
         syn = mlflow_run("train", {"split_run_id": syn_split, **common, "epochs": pre["epochs"], "patience": 0}, log)
         weights = f"runs:/{syn}/model"
     train = mlflow_run("train", {"split_run_id": split_id, **common, "weights": weights, **params}, log)
-    row = {"config": name, "params": spec, "common": common, "split_run_id": split_id, "train_run_id": train,
-           "best_epoch": int(metrics_of(train)["best_epoch"]),
+    row = {"config": name, "params": spec, "common": common, "split_run_id": split_id,
+           **evaluate_ways(train, split_id, log)}
+    row["minutes"] = round((time.time() - start) / 60, 1)
+    return row
+
+
+def evaluate_ways(train: str, split_id: str, log: Path) -> dict:
+    """A train run's model scored on the split's test data in every way of answering."""
+    row = {"train_run_id": train, "best_epoch": int(metrics_of(train)["best_epoch"]),
            "epochs_run": len(mlflow.MlflowClient().get_metric_history(train, "val_loss"))}
     for key, (tta, decision) in WAYS.items():
         ev = metrics_of(mlflow_run("evaluate", {"model_uri": f"runs:/{train}/model", "split_run_id": split_id,
@@ -84,7 +91,6 @@ def run_config(name: str, spec: dict, common: dict, split_id: str, args, log: Pa
         row["baseline"] = {k[9:]: ev[k] for k in ("baseline_accuracy", "baseline_rmse", "baseline_mae",
                                                    "baseline_within1_accuracy")}
         row["test_size"] = int(ev["test_size"])
-    row["minutes"] = round((time.time() - start) / 60, 1)
     return row
 
 
