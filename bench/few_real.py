@@ -36,6 +36,7 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "levers-no-smoothing": {**LEVERS, "label_smoothing": 0.0},
     "pretrain+levers": {**LEVERS, "pretrain": {"num_images": 3000, "epochs": 4}},
     "pretrain+plain": {"pretrain": {"num_images": 3000, "epochs": 4}},
+    "levers-long": {**LEVERS, "epochs": 60, "patience": 15},
 }
 
 
