@@ -52,27 +52,29 @@ def _normalize() -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
 
 
-AUGMENTS = ("light", "strong")
+AUGMENTS = {  # name -> most rotation (degrees), shift and zoom (fractions), colour jitter, hue, grey probability
+    "light": dict(degrees=0, shift=0.04, zoom=0.05, jitter=0.2, hue=0.02, grey=0.0),
+    "strong": dict(degrees=8, shift=0.08, zoom=0.1, jitter=0.3, hue=0.05, grey=0.1),
+}
 
 
 class TrainPreset:
-    """Augmentation suited to bins seen from above: the eval geometry with a shift, zoom and (strong) a small
-    rotation (a hard crop would cut items out and make the count wrong), colour jitter, horizontal flip only
-    (the label strip and elastic bands have an up and down). `strong` draws wider for few training images."""
+    """Augmentation suited to bins seen from above: the eval geometry with a shift, zoom and small rotation
+    (a hard crop would cut items out and make the count wrong), colour jitter, horizontal flip only (the
+    label strip and elastic bands have an up and down). `augment` names how wide it draws (AUGMENTS)."""
 
     def __init__(self, image_size: int, augment: str = "light"):
         if augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
-        strong = augment == "strong"
+            raise ValueError(f"augment must be one of {tuple(AUGMENTS)}, got {augment!r}")
+        a = AUGMENTS[augment]
         self.t = T.Compose([
             T.Resize(image_size, antialias=True),
             T.CenterCrop(image_size),
-            T.RandomAffine(degrees=8 if strong else 0, translate=(0.08, 0.08) if strong else (0.04, 0.04),
-                           scale=(0.9, 1.1) if strong else (0.95, 1.05)),
+            T.RandomAffine(degrees=a["degrees"], translate=(a["shift"], a["shift"]),
+                           scale=(1 - a["zoom"], 1 + a["zoom"])),
             T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05) if strong
-            else T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-            *([T.RandomGrayscale(0.1)] if strong else []),
+            T.ColorJitter(brightness=a["jitter"], contrast=a["jitter"], saturation=a["jitter"], hue=a["hue"]),
+            *([T.RandomGrayscale(a["grey"])] if a["grey"] else []),
             *_normalize(),
         ])
 
