@@ -38,6 +38,8 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "pretrain+levers": {**LEVERS, "pretrain": {"num_images": 3000, "epochs": 4}},
     "pretrain+plain": {"pretrain": {"num_images": 3000, "epochs": 4}},
     "levers-long": {**LEVERS, "epochs": 60, "patience": 15},
+    # the README's recipe: the levers, and the model answers the median with test-time augmentation
+    "recipe": {**LEVERS, "tta": "true", "decision": "median"},
 }
 
 
