@@ -49,14 +49,19 @@ WAYS = {"argmax": ("false", "argmax"), "argmax+tta": ("true", "argmax"), "median
 
 def mlflow_run(entry: str, params: dict, log: Path) -> str:
     """`mlflow run . -e entry -P k=v ...` with output appended to `log` -> the run id. Raises on failure."""
-    cmd = ["mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local"]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local"]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    ids = re.findall(r"Run \(ID '(\w+)'\) succeeded", log.read_text())
+        start = f.tell()
+        # the steps run as `python -m steps.<entry>`: this interpreter's, as `make` does with the venv
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    with log.open() as f:  # this command's output only
+        f.seek(start)
+        ids = re.findall(r"Run \(ID '(\w+)'\) succeeded", f.read())
     if done.returncode or not ids:
         raise RuntimeError(f"{entry} failed (exit {done.returncode}); see {log}")
     return ids[-1]

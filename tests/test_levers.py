@@ -145,3 +145,23 @@ def test_median_decision_answers_the_middle_of_an_unsure_distribution():
     assert decide(probs, "median").tolist() == [2, 1, 3, 0]
     with pytest.raises(ValueError, match="decision must be one of"):
         decide(probs, "mean")
+
+
+def test_few_real_bench_yardstick_and_table_on_generated_bins(tmp_path):
+    """bench/few_real.py's hand-made-features yardstick runs on a split run and its table shows every row."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "bench"))
+    import few_real
+
+    split = make_split_run(tmp_path, n=60, size=48)
+    probe = few_real.feature_probe(split)
+    for way in ("argmax", "median"):
+        assert 0 <= probe[way]["accuracy"] <= 1 and probe[way]["rmse"] >= 0
+    ways = {w: {"accuracy": 0.5, "rmse": 1.0, "mae": 0.5, "within1_accuracy": 0.9} for w in few_real.WAYS}
+    trained = {"config": "levers", "train_run_id": "abc", "epochs_run": 3, "best_epoch": 2, "minutes": 1.0,
+               "baseline": ways["argmax"], **ways}
+    text = few_real.table([trained, {**probe, "minutes": 0.1}])
+    assert "| majority baseline |" in text and "| levers | 3 (2) |" in text
+    assert f"| {probe['config']} | - | {probe['argmax']['accuracy']:.3f}" in text
