@@ -4,6 +4,7 @@ Reads: `model_uri` (runs:/ or models:/), and `split_run_id` (its `splits/test.cs
 from its train split) or `manifest` (a runs:/.../manifest.csv URI or a file; the baseline is its own majority).
 Logs: `test_accuracy`, `test_rmse`, `test_mae`, `test_within1_accuracy`, `baseline_*` beside them,
 `test_unreadable`, `per_count.csv`, `confusion_matrix.png`, `samples.png`, `predictions.csv`.
+`tta` and `decision` override the model's own settings: several ways of answering scored on one model.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from bincounter import metrics, serving
 from bincounter.manifest import read_manifest, write_csv
 from bincounter.model import DECISIONS
-from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
+from bincounter.runs import download, download_uri, finished_run, start_step, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,8 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default="", help="a manifest.csv file or runs:/ URI, instead of a split run")
     p.add_argument("--batch_size", type=whole, default=32)
     p.add_argument("--workers", type=whole, default=2, help="threads reading images")
-    p.add_argument("--tta", default="", help="empty: as the model was trained; true/false: with or without "
-                   "test-time augmentation (the mirror image)")
+    p.add_argument("--tta", default="", choices=["", "true", "false"],
+                   help="empty: as the model was trained; true/false: with or without test-time augmentation")
     p.add_argument("--decision", default="", choices=["", *DECISIONS],
                    help="empty: as the model was trained; argmax or median: that rule instead")
     return p
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> str:
             raise ValueError("nothing to evaluate: the test data is empty")
         counter = serving.load(args.model_uri)
         if args.tta != "":
-            counter.tta = str2bool(args.tta)
+            counter.tta = args.tta == "true"
         if args.decision:
             counter.decision = args.decision
         with start_step("evaluate", args) as run:

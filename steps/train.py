@@ -21,9 +21,9 @@ import mlflow
 
 from bincounter import metrics, serving
 from bincounter.manifest import read_manifest
+from bincounter.model import DECISIONS
 from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
 from bincounter.training import TUNABLE, TrainConfig, train_run
-from bincounter.model import DECISIONS
 from bincounter.transforms import AUGMENTS
 
 
