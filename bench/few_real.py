@@ -68,10 +68,13 @@ def mlflow_run(entry: str, params: dict, log: Path) -> str:
 
 
 def metrics_of(run_id: str) -> dict:
+    """A run's latest metric values."""
     return mlflow.get_run(run_id).data.metrics
 
 
 def run_config(name: str, spec: dict, common: dict, split_id: str, args, log: Path) -> dict:
+    """Train one config on the real split (after pre-training on generated bins when it says so) and score it
+    -> its results row."""
     params = {k: v for k, v in spec.items() if k != "pretrain"}
     start = time.time()
     weights = "none"
