@@ -229,7 +229,6 @@ class Checkpointer:
 
     def __init__(self, run_id: str):
         self.run_id = run_id
-        self.dir = Path(tempfile.mkdtemp(prefix="bincounter-ckpt-"))
         job_dir = job_checkpoint_dir()
         self.job_file = job_dir / run_id / "last.pt" if job_dir else None
 
@@ -240,16 +239,19 @@ class Checkpointer:
         client = mlflow.MlflowClient()
         if not any(f.path == CHECKPOINT for f in client.list_artifacts(self.run_id, "checkpoint")):
             return None
-        path = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=str(self.dir))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # temporary folders, removed at once: a checkpoint is ~100-350 MB and trainings are many
+        with tempfile.TemporaryDirectory(prefix="bincounter-ckpt-") as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=tmp)
+            return torch.load(path, map_location="cpu", weights_only=True)
 
     def save(self, state: dict) -> None:
-        path = self.dir / "checkpoint" / "last.pt"
         buf = _to_bytes(state)
         if self.job_file:
             atomic_write_bytes(self.job_file, buf)
-        atomic_write_bytes(path, buf)
-        mlflow.log_artifact(str(path), "checkpoint")
+        with tempfile.TemporaryDirectory(prefix="bincounter-ckpt-") as tmp:
+            path = Path(tmp) / Path(CHECKPOINT).name
+            path.write_bytes(buf)  # a private folder: the artifact store sees only the finished file
+            mlflow.log_artifact(str(path), Path(CHECKPOINT).parent.name)
 
 
 def _to_bytes(obj) -> bytes:

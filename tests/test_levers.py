@@ -117,9 +117,12 @@ def test_levers_through_mlflow_run_reach_the_model_and_evaluate(tmp_path):
     split = make_split_run(tmp_path, n=40, size=48)
     levers = dict(ordinal_weight=0.5, label_smoothing=0.1, balanced="true", augment="strong", warmup_epochs=1,
                   tta="true", decision="median")
-    run_entry("train", dict(split_run_id=split, **{**TINY, "epochs": 3}, **levers))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run_entry("train", dict(split_run_id=split, **{**TINY, "epochs": 3}, **levers), env_extra={"TMPDIR": str(tmp)})
     train = last_run("train")
     assert train.info.status == "FINISHED"
+    assert not list(tmp.glob("bincounter-ckpt-*"))  # checkpoint copies are removed, not left to fill the disk
     lrs = [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(train.info.run_id, "lr"),
                                    key=lambda m: m.step)]
     assert lrs == pytest.approx([0.0005, 0.001, 0.5 * 0.001 * (1 + math.cos(math.pi / 2))])
