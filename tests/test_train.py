@@ -89,6 +89,9 @@ def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path):
     (["--epochs", "0"], "epochs must be at least 1"),
     (["--image_size", "16"], "image_size must be at least 32"),
     (["--weights", "/no/such/file.pt"], "is not imagenet, none, a model URI or an existing file"),
+    (["--ordinal_weight", "-1"], "ordinal_weight must be >= 0"),
+    (["--label_smoothing", "1"], "label_smoothing must be in"),
+    (["--warmup_epochs", "10"], "warmup_epochs must be >= 0 and below epochs"),
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_message(tmp_path, override, message):
     from bincounter.model import WeightsUnavailable
