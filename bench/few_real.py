@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "few_real.jsonl"
 LEVERS = {"ordinal_weight": 1.0, "label_smoothing": 0.1, "balanced": "true", "augment": "strong",
           "warmup_epochs": 2}
+LITE = {"arch": "efficientnet_lite0", "weights": "imagenet", "image_size": 224, "epochs": 8, "patience": 0,
+        "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.1, "warmup_epochs": 1, "batch_size": 32}
+TRANSFER = {"freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen"}
 CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" -> generated bins first
     "plain": {},
     "levers": LEVERS,
@@ -40,6 +43,15 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "levers-long": {**LEVERS, "epochs": 60, "patience": 15},
     # the README's recipe: the levers, and the model answers the median with test-time augmentation
     "recipe": {**LEVERS, "tta": "true", "decision": "median"},
+    # ImageNet EfficientNet-Lite0 from its wheel, fine-tuned (README: transfer learning offline)
+    "lite0": LITE,
+    "lite0-probe": {**LITE, "freeze": "true"},
+    "lite0-levers": {**LITE, **TRANSFER},
+    "lite0-head-first": {**LITE, "freeze_epochs": 1},
+    "lite0-backbone-lr": {**LITE, "backbone_lr": 0.3},
+    "lite0-bn-frozen": {**LITE, "bn": "frozen"},
+    "lite0-288": {**LITE, "image_size": 288},  # needs a split ingested at --ingest_size 320
+    "lite0-levers-288": {**LITE, **TRANSFER, "image_size": 288},
 }
 
 
@@ -75,17 +87,17 @@ def metrics_of(run_id: str) -> dict:
 def run_config(name: str, spec: dict, common: dict, split_id: str, args, log: Path) -> dict:
     """Train one config on the real split (after pre-training on generated bins when it says so) and score it
     -> its results row."""
-    params = {k: v for k, v in spec.items() if k != "pretrain"}
+    params = {**common, **{k: v for k, v in spec.items() if k != "pretrain"}}
     start = time.time()
-    weights = "none"
     if "pretrain" in spec:
         pre = spec["pretrain"]
         ing = mlflow_run("ingest", {"source": "synthetic", "num_images": pre["num_images"],
                                     "cache_dir": args.cache_dir, "seed": args.seed}, log)
         syn_split = mlflow_run("split", {"ingest_run_id": ing, "seed": args.seed}, log)
-        syn = mlflow_run("train", {"split_run_id": syn_split, **common, "epochs": pre["epochs"], "patience": 0}, log)
-        weights = f"runs:/{syn}/model"
-    train = mlflow_run("train", {"split_run_id": split_id, **common, "weights": weights, **params}, log)
+        syn = mlflow_run("train", {"split_run_id": syn_split, **common, "epochs": pre["epochs"], "patience": 0,
+                                   **{k: params[k] for k in ("arch", "weights", "image_size")}}, log)
+        params["weights"] = f"runs:/{syn}/model"
+    train = mlflow_run("train", {"split_run_id": split_id, **params}, log)
     row = {"config": name, "params": spec, "common": common, "split_run_id": split_id,
            **evaluate_ways(train, split_id, log)}
     row["minutes"] = round((time.time() - start) / 60, 1)
@@ -183,6 +195,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--cache_dir", default=str(ROOT / "data"))
+    p.add_argument("--ingest_size", type=int, default=256, help="ingest's image_size (the cache's short side)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log", default=str(ROOT / "bench" / "results" / "few_real.log"))
     p.add_argument("--probe", type=int, default=1, help="1: add the hand-made-features yardstick (about a minute)")
@@ -198,7 +211,7 @@ def main() -> None:
     split_id = args.split_run_id
     if not split_id:
         ing = mlflow_run("ingest", {"source": "local", "data_dir": args.data_dir, "file_list": "all",
-                                    "cache_dir": args.cache_dir, "seed": args.seed}, log)
+                                    "cache_dir": args.cache_dir, "image_size": args.ingest_size, "seed": args.seed}, log)
         split_id = mlflow_run("split", {"ingest_run_id": ing, "seed": args.seed}, log)
     common = {"arch": args.arch, "weights": "none", "image_size": args.image_size, "epochs": args.epochs,
               "patience": args.patience, "seed": args.seed}

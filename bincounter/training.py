@@ -11,7 +11,6 @@ import copy
 import math
 import os
 import random
-import signal
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +27,19 @@ from tqdm import tqdm
 from bincounter import metrics
 from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
-from bincounter.model import DECISIONS, build_model, decide, probabilities
+from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities
 from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
 
 CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
 OPTIMIZERS = ("adamw", "sgd", "adam")
+
+
+# The validation metrics an epoch yields and which way is better: what early stopping and the kept epoch follow
+# (`monitor`) and what hpo selects on. Cross-entropy can rise while accuracy and RMSE improve (an overconfident
+# model), so the default follows what users judge a counter by.
+MONITORS = {"val_accuracy": "max", "val_rmse": "min", "val_mae": "min", "val_within1_accuracy": "max",
+            "val_loss": "min"}
+BN_MODES = ("batch", "frozen")
 
 
 @dataclass
@@ -49,6 +56,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     freeze: bool = False
     patience: int = 3
+    monitor: str = "val_accuracy"  # early stopping and the kept epoch follow it (MONITORS)
     max_steps: int = 0  # train batches per epoch, 0 = all (tests and quick trials)
     workers: int = 0  # data-loading processes: on a 2-core CPU they only steal cores from the math (bench/train.py)
     seed: int = 42
@@ -60,10 +68,17 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up before the cosine decay
     tta: bool = False  # predict on the image and its mirror image (validation, evaluate and serving)
     decision: str = "argmax"  # probabilities -> count (model.decide), in validation, evaluate and serving
+    # transfer-learning levers (pretrained weights): see set_train_mode, make_optimizer
+    freeze_epochs: int = 0  # epochs of training the head alone (backbone frozen, in eval mode) before unfreezing;
+    # no effect beside freeze=True (the head alone all along), so that hpo can draw both
+    backbone_lr: float = 1.0  # the backbone's learning rate as a fraction of the head's (`lr`)
+    bn: str = "batch"  # batch: BatchNorm learns the bins' statistics; frozen: keeps the pretrained ones
     classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
     def validate(self) -> "TrainConfig":
+        pretrained = self.weights != "none"
         checks = [
+            (self.arch in ARCHS, f"arch {self.arch!r} is not one of {', '.join(ARCHS)}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
@@ -71,6 +86,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.image_size >= 32, f"image_size must be at least 32, got {self.image_size}"),
             (self.patience >= 0, f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
+            (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"),
             (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (len(self.classes) >= 2, f"need at least 2 count classes, got {self.classes}"),
@@ -80,6 +96,14 @@ class TrainConfig:
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}, got {self.decision!r}"),
             (0 <= self.warmup_epochs < self.epochs,
              f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}"),
+            (0 <= self.freeze_epochs < self.epochs,
+             f"freeze_epochs must be >= 0 and below epochs ({self.epochs}), got {self.freeze_epochs}"),
+            (0 < self.backbone_lr <= 1 and math.isfinite(self.backbone_lr),
+             f"backbone_lr must be in (0, 1] (a fraction of lr), got {self.backbone_lr}"),
+            (self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}"),
+            (pretrained or (self.freeze_epochs == 0 and self.bn == "batch"),
+             "freeze_epochs and bn=frozen need pretrained weights (a random backbone has nothing to keep); "
+             "got weights=none"),
             (self.weights in ("imagenet", "none") or self.weights.startswith(("runs:/", "models:/"))
              or Path(self.weights).is_file(),
              f"weights {self.weights!r} is not imagenet, none, a model URI or an existing file"),
@@ -90,7 +114,7 @@ class TrainConfig:
         return self
 
 
-TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze")
+TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze", "freeze_epochs", "backbone_lr", "bn")
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -152,18 +176,42 @@ def balanced_sampler(labels: list[int], seed: int) -> WeightedRandomSampler:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The optimizer over two groups: the head at `lr`, the backbone at `lr` x `backbone_lr` (the head is
+    group 0, whose rate the metrics log). Parameters frozen for good (`freeze`) are left out."""
+    head, backbone = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if is_head(cfg.arch, name) else backbone).append(p)
+    groups = [{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr * cfg.backbone_lr}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_train_mode(net: nn.Module, cfg: TrainConfig, epoch: int) -> None:
+    """Training mode for (1-based) `epoch`: during the first `freeze_epochs` only the head learns (the backbone
+    takes no gradients and stays in eval mode, so its BatchNorm statistics stay the pretrained ones);
+    `bn=frozen` keeps every BatchNorm layer's statistics all along (eval mode; its scale and shift still
+    learn). With `freeze` the backbone never learns (build_model froze it) and stays in eval mode."""
+    net.train()
+    head_only = cfg.freeze or epoch <= cfg.freeze_epochs
+    if cfg.freeze_epochs and not cfg.freeze:
+        for name, p in net.named_parameters():
+            p.requires_grad = head_only is False or is_head(cfg.arch, name)
+    head = get_arch(cfg.arch).head
+    for name, m in net.named_modules():
+        if name == head or name.startswith(head + ".") or any(m.children()):
+            continue  # leaves only: eval() on a parent would reach into the head
+        if head_only or (cfg.bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            m.eval()
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_steps: int = 0, desc: str = "train"):
-    """One pass over `loader` (at most max_steps batches) -> {loss, accuracy}. Raises FloatingPointError on a
-    non-finite loss (hpo records such a trial as failed)."""
-    model.train()
+    """One pass over `loader` (at most max_steps batches; the caller has set the training mode) -> {loss,
+    accuracy}. Raises FloatingPointError on a non-finite loss (hpo records such a trial as failed)."""
     amp = device.type == "cuda"
     total, correct, loss_sum = 0, 0, 0.0
     n = min(len(loader), max_steps) if max_steps else len(loader)
@@ -267,104 +315,182 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, resume: bool = True,
-              checkpoint: bool = True) -> dict:
-    """Train in the active MLflow run: logs per-epoch metrics (step=epoch), resumes from the run's checkpoint
-    when it has one. -> {"model": best model (eval mode, CPU), "best_epoch", "history", "best": val metrics}.
-    Distributed (see the module's doc): ranks other than 0 need no active run and log nothing."""
+def is_better(value: float, best: float | None, monitor: str) -> bool:
+    """Whether `value` of the metric `monitor` beats `best` (None: nothing yet)."""
+    if best is None:
+        return True
+    return value > best if MONITORS[monitor] == "max" else value < best
+
+
+@dataclass
+class Fit:
+    """One training in progress: what `setup` builds, `restore` and the epoch loop advance, `finish` returns.
+    `net` is what is saved, evaluated and returned; `model` is what trains (DDP-wrapped when distributed)."""
+    cfg: TrainConfig
+    net: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    train_ds: ManifestDataset
+    val_loader: torch.utils.data.DataLoader
+    device: torch.device
+    rank: int
+    world: int
+    run_id: str | None
+    ckpt: Checkpointer | None
+    sampler: DistributedSampler | None = None
+    epoch: int = 0  # the last finished epoch
+    history: list = field(default_factory=list)
+    best: dict | None = None  # the best epoch's state dict
+    best_epoch: int = 0
+    best_value: float | None = None  # of cfg.monitor
+    bad_epochs: int = 0  # epochs since the best
+    logged: set = field(default_factory=set)  # epochs whose metrics the run already has
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def state(self) -> dict:
+        """The checkpoint: everything `restore` needs to continue exactly."""
+        return {"config": asdict(self.cfg), "epoch": self.epoch, "model": self.net.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
+                "best_model": self.best, "best_epoch": self.best_epoch, "best_value": self.best_value,
+                "bad_epochs": self.bad_epochs}
+
+
+def setup(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkpoint: bool = True) -> Fit:
+    """Process group, device, seed, model, optimizer, schedule, loss and data for `cfg` -> a Fit at epoch 0."""
     cfg.validate()
     rank, world = setup_distributed()
-    lead = rank == 0
-    run_id = mlflow.active_run().info.run_id if lead else None
     device = setup_device()
     _set_seed(cfg.seed)
-    model = build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.freeze).to(device)
+    net = build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.freeze).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = model  # what is saved, evaluated and returned; `model` is what trains (DDP-wrapped when distributed)
-    optimizer = make_optimizer(cfg, model)
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, net)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.warmup_epochs))
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    criterion = CountLoss(cfg.classes, cfg.ordinal_weight, cfg.label_smoothing).to(device)
-    train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size, cfg.augment))
-    val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size)), cfg.batch_size,
-                             cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
+    arch = get_arch(cfg.arch)
+    train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size, cfg.augment, arch.mean, arch.std))
+    val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size, arch.mean, arch.std)),
+                             cfg.batch_size, cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
+    run_id = mlflow.active_run().info.run_id if rank == 0 else None
+    return Fit(cfg=cfg, net=net, model=net, optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
+               criterion=CountLoss(cfg.classes, cfg.ordinal_weight, cfg.label_smoothing).to(device),
+               train_ds=train_ds, val_loader=val_loader, device=device, rank=rank, world=world, run_id=run_id,
+               ckpt=Checkpointer(run_id) if (checkpoint and rank == 0) else None)
 
-    ckpt = Checkpointer(run_id) if (checkpoint and lead) else None
-    state = ckpt.load() if (ckpt and resume) else None
-    if world > 1:  # rank 0's checkpoint (or none) for everyone
-        shared = [state if lead else None]
+
+def restore(fit: Fit, resume: bool) -> None:
+    """Continue from the run's checkpoint, when resuming and it has one (rank 0's, for every process). A
+    checkpoint made with other settings is refused, naming the settings that differ."""
+    state = fit.ckpt.load() if (fit.ckpt and resume) else None
+    if fit.world > 1:
+        shared = [state if fit.lead else None]
         dist.broadcast_object_list(shared, src=0)
         state = shared[0]
-    # a kill between an epoch's metrics and its checkpoint leaves that epoch logged but not saved: the resumed run
-    # replays it (same batches, same values) and must not log it twice
-    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")} if (ckpt and resume) else set()
-    start, history, best, best_epoch, best_loss, bad = 1, [], None, 0, float("inf"), 0
-    if state:
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"run {run_id} has a checkpoint made with other settings; start a new run")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, history = state["epoch"] + 1, state["history"]
-        best, best_epoch, best_loss, bad = state["best_model"], state["best_epoch"], state["best_loss"], state["bad_epochs"]
-        print(f"train: resuming run {run_id} after epoch {state['epoch']}")
-    if world > 1 and cfg.balanced:
-        raise ValueError("balanced sampling is not available in distributed training; use balanced=false")
-    sampler = None
-    if world > 1:
-        # each process a disjoint share; order depends on (seed, epoch) only, as below
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed * 1000)
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        if lead:
-            mlflow.log_param("world_size", world)
-            print(f"train: distributed data parallel over {world} processes ({dist.get_backend()})")
+    if fit.ckpt and resume:
+        # a kill between an epoch's metrics and its checkpoint leaves that epoch logged but not saved: the
+        # resumed run replays it (same batches, same values) and must not log it twice
+        fit.logged = {m.step for m in mlflow.MlflowClient().get_metric_history(fit.run_id, "val_loss")}
+    if not state:
+        return
+    now = asdict(fit.cfg)
+    if state["config"] != now:
+        diff = ", ".join(f"{k}: {state['config'].get(k)!r} -> {now.get(k)!r}"
+                         for k in sorted(set(now) | set(state["config"])) if state["config"].get(k) != now.get(k))
+        raise ValueError(f"run {fit.run_id} has a checkpoint made with other settings ({diff}); rerun it with "
+                         "the same parameters, or start a new run")
+    fit.net.load_state_dict(state["model"])
+    fit.optimizer.load_state_dict(state["optimizer"])
+    fit.scheduler.load_state_dict(state["scheduler"])
+    fit.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    fit.epoch, fit.history, fit.best = state["epoch"], state["history"], state["best_model"]
+    fit.best_epoch, fit.best_value, fit.bad_epochs = state["best_epoch"], state["best_value"], state["bad_epochs"]
+    if fit.lead:
+        print(f"train: resuming run {fit.run_id} after epoch {fit.epoch}")
 
-    for epoch in range(start, cfg.epochs + 1):
-        if cfg.patience and bad >= cfg.patience:
-            break
+
+def wrap_distributed(fit: Fit) -> None:
+    """Under torchrun: a DistributedSampler share of the training data per process, the model in DDP."""
+    if fit.world == 1:
+        return
+    if fit.cfg.balanced or fit.cfg.freeze_epochs:  # DDP fixes the trained parameters and the sampler at the start
+        raise ValueError("balanced sampling and freeze_epochs are not available in distributed training")
+    # each process a disjoint share; order depends on (seed, epoch) only, as in train_epochs
+    fit.sampler = DistributedSampler(fit.train_ds, num_replicas=fit.world, rank=fit.rank, shuffle=True,
+                                     seed=fit.cfg.seed * 1000)
+    fit.model = nn.parallel.DistributedDataParallel(
+        fit.net, device_ids=[fit.device.index] if fit.device.type == "cuda" else None)
+    if fit.lead:
+        mlflow.log_param("world_size", fit.world)
+        print(f"train: distributed data parallel over {fit.world} processes ({dist.get_backend()})")
+
+
+def train_epochs(fit: Fit) -> None:
+    """The epoch loop from the epoch after `fit.epoch`: train, validate, log (step=epoch), keep the best epoch by
+    `monitor`, checkpoint; stops early after `patience` epochs without a better `monitor`."""
+    cfg = fit.cfg
+    while fit.epoch < cfg.epochs and not (cfg.patience and fit.bad_epochs >= cfg.patience):
+        epoch = fit.epoch + 1
         # order and augmentation draws depend on (seed, epoch) only: resume replays the same batches
-        if sampler:
-            sampler.set_epoch(epoch)
-        draw = balanced_sampler(train_ds.labels, cfg.seed * 1000 + epoch) if cfg.balanced else sampler
-        loader = make_loader(train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                             pin_memory=device.type == "cuda", sampler=draw)
-        lr = optimizer.param_groups[0]["lr"]  # this epoch's (the scheduler steps after it)
-        tr = train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg.max_steps,
-                             desc=f"epoch {epoch}/{cfg.epochs}")
-        scheduler.step()
-        va = evaluate(net, val_loader, device, cfg.classes, cfg.tta, cfg.decision)
-        if world > 1:  # rank 0's numbers decide early stopping everywhere (BatchNorm buffers may differ a little)
+        if fit.sampler:
+            fit.sampler.set_epoch(epoch)
+        draw = balanced_sampler(fit.train_ds.labels, cfg.seed * 1000 + epoch) if cfg.balanced else fit.sampler
+        loader = make_loader(fit.train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                             pin_memory=fit.device.type == "cuda", sampler=draw)
+        lr = fit.optimizer.param_groups[0]["lr"]  # this epoch's (the scheduler steps after it)
+        set_train_mode(fit.net, cfg, epoch)
+        tr = train_one_epoch(fit.model, loader, fit.criterion, fit.optimizer, fit.scaler, fit.device,
+                             cfg.max_steps, desc=f"epoch {epoch}/{cfg.epochs}")
+        fit.scheduler.step()
+        va = evaluate(fit.net, fit.val_loader, fit.device, cfg.classes, cfg.tta, cfg.decision)
+        if fit.world > 1:  # rank 0's numbers decide early stopping everywhere (BatchNorm buffers may differ a little)
             shared = [va]
             dist.broadcast_object_list(shared, src=0)
             va = shared[0]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                **{f"val_{k}": v for k, v in va.items()}, "lr": lr}
-        history.append(row)
-        if lead and epoch not in logged:
+        fit.history.append(row)
+        if fit.lead and epoch not in fit.logged:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        if lead:
+        if fit.lead:
             print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        if va["loss"] < best_loss:
-            best_loss, best_epoch, bad = va["loss"], epoch, 0
-            best = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        if is_better(row[cfg.monitor], fit.best_value, cfg.monitor):
+            fit.best_value, fit.best_epoch, fit.bad_epochs = row[cfg.monitor], epoch, 0
+            fit.best = {k: v.detach().cpu().clone() for k, v in fit.net.state_dict().items()}
         else:
-            bad += 1
-        if ckpt:
-            ckpt.save({"config": asdict(cfg), "epoch": epoch, "model": net.state_dict(),
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
-                       "best_model": best, "best_epoch": best_epoch, "best_loss": best_loss, "bad_epochs": bad})
-        if os.environ.get("BINCOUNTER_FAULT_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for tests
-            os.kill(os.getpid(), signal.SIGKILL)
+            fit.bad_epochs += 1
+        fit.epoch = epoch
+        if fit.ckpt:
+            fit.ckpt.save(fit.state())
 
-    final = copy.deepcopy(net).cpu()
-    final.load_state_dict(best)
+
+def finish(fit: Fit) -> dict:
+    """The best epoch's model (eval mode, CPU) and its figures; rank 0 logs `best_epoch` and `best_val_*`."""
+    final = copy.deepcopy(fit.net).cpu()
+    final.load_state_dict(fit.best)
     final.eval()
-    best_row = next(r for r in history if r["epoch"] == best_epoch)
-    if lead:
-        mlflow.log_metrics({"best_epoch": best_epoch, **{f"best_{k}": v for k, v in best_row.items()
-                                                        if k.startswith("val_")}})
-    return {"model": final, "best_epoch": best_epoch, "history": history, "best": best_row}
+    best_row = next(r for r in fit.history if r["epoch"] == fit.best_epoch)
+    if fit.lead:
+        mlflow.log_metrics({"best_epoch": fit.best_epoch,
+                            **{f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}})
+    return {"model": final, "best_epoch": fit.best_epoch, "history": fit.history, "best": best_row}
+
+
+def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, resume: bool = True,
+              checkpoint: bool = True) -> dict:
+    """Train in the active MLflow run: logs per-epoch metrics (step=epoch), resumes from the run's checkpoint
+    when it has one. -> {"model": best model by `cfg.monitor` (eval mode, CPU), "best_epoch", "history", "best":
+    that epoch's metrics}. Distributed (see the module's doc): ranks other than 0 need no active run and log
+    nothing."""
+    fit = setup(cfg, train_df, val_df, checkpoint)
+    restore(fit, resume)
+    wrap_distributed(fit)
+    train_epochs(fit)
+    return finish(fit)

@@ -12,8 +12,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: what torchvision's pretrained weights expect
-STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 40_000_000  # ~6300 x 6300; ABID photos are about 0.25 MP, anything far bigger is a bomb
 MAX_BYTES = 20 * 1024 * 1024
 
@@ -48,8 +46,8 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
     return img.convert("RGB")
 
 
-def _normalize() -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
+def _normalize(mean, std) -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
 
 
 AUGMENTS = {  # name -> most rotation (degrees), shift and zoom (fractions), colour jitter, hue, grey probability
@@ -61,9 +59,10 @@ AUGMENTS = {  # name -> most rotation (degrees), shift and zoom (fractions), col
 class TrainPreset:
     """Augmentation suited to bins seen from above: the eval geometry with a shift, zoom and small rotation
     (a hard crop would cut items out and make the count wrong), colour jitter, horizontal flip only (the
-    label strip and elastic bands have an up and down). `augment` names how wide it draws (AUGMENTS)."""
+    label strip and elastic bands have an up and down). `augment` names how wide it draws (AUGMENTS);
+    `mean`, `std` are the model's input normalisation (model.input_config)."""
 
-    def __init__(self, image_size: int, augment: str = "light"):
+    def __init__(self, image_size: int, augment: str, mean, std):
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {tuple(AUGMENTS)}, got {augment!r}")
         a = AUGMENTS[augment]
@@ -75,7 +74,7 @@ class TrainPreset:
             T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=a["jitter"], contrast=a["jitter"], saturation=a["jitter"], hue=a["hue"]),
             *([T.RandomGrayscale(a["grey"])] if a["grey"] else []),
-            *_normalize(),
+            *_normalize(mean, std),
         ])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -83,10 +82,11 @@ class TrainPreset:
 
 
 class EvalPreset:
-    """Resize the short side, centre-crop a square, normalise: deterministic."""
+    """Resize the short side, centre-crop a square, normalise with the model's `mean`, `std`: deterministic."""
 
-    def __init__(self, image_size: int):
-        self.t = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), *_normalize()])
+    def __init__(self, image_size: int, mean, std):
+        self.t = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
+                            *_normalize(mean, std)])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.t(img)

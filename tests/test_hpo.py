@@ -86,12 +86,14 @@ def test_search_space_is_declared_once_and_covers_the_tunables():
     assert hpo.SEARCH_SPACE["lr"] == {"loguniform": [1e-4, 1e-1]}
     assert hpo.SEARCH_SPACE["batch_size"] == {"choice": [32, 64, 128, 256, 512]}
     assert set(hpo.SEARCH_SPACE["optimizer"]["choice"]) == {"sgd", "adamw"}
-    params = {"lr": 0.001, "batch_size": 64, "weight_decay": 1e-5, "optimizer": "adamw", "freeze": True}
+    params = {"lr": 0.001, "batch_size": 64, "weight_decay": 1e-5, "optimizer": "adamw", "freeze": True,
+              "freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen"}
     assert hpo.to_params(hpo.to_vals(params)) == params
 
 
 def test_hpo_entry_point_end_to_end(split_id):
-    run_entry("hpo", {"split_run_id": split_id, "max_evals": 3, "epochs": 1, "subset": 0.5, **SMALL})
+    run_entry("hpo", {"split_run_id": split_id, "max_evals": 3, "epochs": 1, "subset": 0.5, "metric": "val_loss",
+                      **SMALL})
     parent = last_run("hpo")
     assert parent.info.status == "FINISHED"
     trials = children(parent.info.run_id)
@@ -114,9 +116,11 @@ def test_hpo_entry_point_end_to_end(split_id):
     space = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/search_space.json"))
     # weights=none: a random backbone is never frozen, the rest of the space is SEARCH_SPACE
     assert space["space"] == json.loads(json.dumps(hpo.space_for("none", int(parent.data.metrics["train_size"]))))
+    assert space["space"]["bn"] == {"choice": ["batch"]} and space["space"]["backbone_lr"] == {"choice": [1.0]}
     assert space["space"]["batch_size"] == {"choice": [32]}  # 18 training images: larger batches are dropped
     assert space["space"]["freeze"] == {"choice": [False]} and all(t.data.params["freeze"] == "False" for t in trials)
-    assert hpo.space_for("imagenet") == hpo.SEARCH_SPACE
+    assert hpo.space_for("imagenet", epochs=2) == hpo.SEARCH_SPACE
+    assert hpo.space_for("imagenet")["freeze_epochs"] == {"choice": [0]}  # one epoch: no head-first phase
     assert hpo.space_for("imagenet", 100)["batch_size"] == {"choice": [32, 64]}
 
 
@@ -131,7 +135,10 @@ def test_failed_trial_is_recorded_and_the_search_goes_on(split_id, monkeypatch):
     assert trials[1].data.tags["bincounter.failure_reason"].startswith("FloatingPointError: loss is nan")
     assert parent.data.tags["best_run_id"] != trials[1].info.run_id
     ok = [t for t in trials if t.info.status == "FINISHED"]
-    assert parent.data.metrics["best_val_loss"] == min(t.data.metrics["val_loss"] for t in ok)
+    # the default metric is training's default monitor
+    assert parent.data.params["metric"] == training.TrainConfig.monitor == "val_accuracy"
+    assert parent.data.metrics["best_val_accuracy"] == max(t.data.metrics["val_accuracy"] for t in ok)
+    assert all(c.monitor == "val_accuracy" for c in fake.calls)  # trials keep their best epoch by it too
     assert [t["status"] for t in trials_json(parent_id)["trials"]] == ["ok", "fail", "ok", "ok"]
 
 
@@ -143,11 +150,13 @@ def test_all_trials_failing_fails_the_search(split_id, monkeypatch):
 
 
 def test_metric_direction(split_id, monkeypatch):
-    monkeypatch.setattr(training, "train_run", FakeTraining())
+    fake = FakeTraining()
+    monkeypatch.setattr(training, "train_run", fake)
     by_acc = mlflow.get_run(hpo_step.main(hpo_args(split_id, max_evals=4, metric="val_accuracy")))
     by_loss = mlflow.get_run(hpo_step.main(hpo_args(split_id, max_evals=4, metric="val_loss")))
     lrs = [p["lr"] for p in trial_params(by_acc.info.run_id)]
     assert lrs == [p["lr"] for p in trial_params(by_loss.info.run_id)]  # same seed, same trials
+    assert {c.monitor for c in fake.calls[:4]} == {"val_accuracy"} and {c.monitor for c in fake.calls[4:]} == {"val_loss"}
     assert float(by_acc.data.params["best_lr"]) == max(lrs)  # accuracy: the higher the better
     assert float(by_loss.data.params["best_lr"]) == min(lrs)  # loss: the lower the better
     assert by_acc.data.metrics["best_val_accuracy"] == pytest.approx(min(1.0, 5 * max(lrs)))

@@ -12,7 +12,7 @@ from conftest import last_run, run_entry
 from helpers_data import make_split_run
 from test_train import TINY
 
-from bincounter.model import build_model, probabilities
+from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, build_model, probabilities
 from bincounter.training import CountLoss, balanced_sampler, lr_factor
 from bincounter.transforms import TrainPreset
 
@@ -68,14 +68,14 @@ def test_strong_augmentation_draws_wider_and_unknown_names_are_refused():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
     spread = {}
     for name in ("light", "strong"):
-        t = TrainPreset(48, name)
+        t = TrainPreset(48, name, IMAGENET_MEAN, IMAGENET_STD)
         torch.manual_seed(0)
         outs = torch.stack([t(img) for _ in range(16)])
         assert outs.shape == (16, 3, 48, 48)
         spread[name] = outs.std(0).mean().item()
     assert spread["strong"] > spread["light"]
     with pytest.raises(ValueError, match="augment must be one of"):
-        TrainPreset(48, "wild")
+        TrainPreset(48, "wild", IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_tta_averages_the_image_and_its_mirror():

@@ -48,7 +48,22 @@ def test_train_cli_defaults_are_trainconfig_defaults():
 
     opts = options(importlib.import_module("steps.train").get_args_parser())
     for f in fields(TrainConfig):
-        if f.name in opts and f.name not in TUNABLE:
+        if f.name in opts and f.name not in TUNABLE and f.name != "monitor":
             assert opts[f.name].default == f.default, f.name
-    for name in TUNABLE:  # empty means: the hpo run's best, else TrainConfig's default
+    for name in (*TUNABLE, "monitor"):  # empty means: the hpo run's (best), else TrainConfig's default
         assert opts[name].default == ""
+
+
+@pytest.mark.parametrize("entry", ["main", "hpo", "train"])
+def test_architectures_and_monitors_have_one_spelling(entry):
+    """arch and monitor choices are the library's tables, in the CLIs, MLproject's defaults and the README."""
+    from bincounter.model import ARCHS
+    from bincounter.training import MONITORS, TrainConfig
+
+    opts = options(importlib.import_module(f"steps.{entry}").get_args_parser())
+    assert list(opts["arch"].choices) == list(ARCHS)
+    monitor = opts.get("monitor") or opts["metric"]
+    assert monitor.default in ("", TrainConfig.monitor)
+    readme = (ROOT / "README.md").read_text()
+    assert ", ".join(f"`{a}`" for a in ARCHS) in readme
+    assert ", ".join(f"`{m}`" for m in MONITORS) in readme
