@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from bincounter.transforms import read_image
 
 
 class ManifestDataset(Dataset):
@@ -23,9 +24,8 @@ class ManifestDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as img:  # cached at ingest: verified, already small
-            x = self.transform(img.convert("RGB"))
-        return x, self.labels[i]
+        # cached at ingest (verified, already small); decoded by the one decoder, whose errors name the file
+        return self.transform(read_image(self.paths[i])), self.labels[i]
 
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,
