@@ -79,9 +79,10 @@ class BinCounter:
         return cls(model, config)
 
     def _prepare(self, data: bytes, name: str) -> torch.Tensor | ImageError:
-        """One image's bytes -> its model input, or the ImageError saying why not (runs in the pool)."""
+        """One image's bytes -> uint8 [3, S, S] (decoded, resized, cropped), or the ImageError saying why not
+        (runs in the pool; normalising waits for the whole chunk)."""
         try:
-            return self.transform(decode_image(data, name))
+            return self.transform.resize(decode_image(data, name))
         except ImageError as e:
             return e
 
@@ -91,9 +92,13 @@ class BinCounter:
         return [self._pool.submit(self._prepare, images[i], names[i]) for i in chunk]
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """A batch of model inputs [N, 3, S, S] (CPU) -> probabilities [N, C] as float32 numpy."""
+        """A batch of resized images, uint8 [N, 3, S, S] on the CPU -> probabilities [N, C] as float32 numpy.
+        Normalised on the model's device (on CUDA a quarter of the bytes cross to it)."""
         if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True, memory_format=torch.channels_last)
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = self.transform.normalize(x)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
             return probabilities(self.model, x, self.tta).float().cpu().numpy()
 

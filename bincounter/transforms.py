@@ -121,10 +121,13 @@ class TrainPreset:
 
 
 class EvalPreset:
-    """Resize the short side, centre-crop a square, normalise: deterministic."""
+    """Resize the short side, centre-crop a square, normalise: deterministic. In two halves for batches:
+    `resize` (PIL image -> uint8 [3, S, S], one image at a time) and `normalize` (uint8 [..., 3, S, S] -> float,
+    a whole batch at once, on any device)."""
 
     def __init__(self, image_size: int):
-        self.t = T.Compose([*geometry(image_size), *_normalize()])
+        self.resize = T.Compose([*geometry(image_size), T.PILToTensor()])
+        self.normalize = T.Compose(_normalize()[1:])  # ToImage is done: PILToTensor
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.t(img)
+        return self.normalize(self.resize(img))

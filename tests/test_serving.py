@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest_serving import CLASSES, build_tiny_model
+from conftest import free_port
+from helpers_model import CLASSES, build_tiny_model
 from mlflow.tracking import MlflowClient
 
 from bincounter import serving
@@ -30,19 +30,13 @@ from bincounter.transforms import MAX_BYTES
 SERVED = "bin-counter-served"  # not `bin-counter`: other test modules register that name in the same store
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     """`mlflow models serve -m models:/<SERVED>@champion` on a free loopback port, one uvicorn worker."""
     tiny = build_tiny_model(store / "tiny-model")
     mv = mlflow.register_model(tiny.model_uri, SERVED)
     MlflowClient().set_registered_model_alias(SERVED, "champion", mv.version)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # uvicorn is in the venv
     with open(log_path, "w") as log:

@@ -81,3 +81,12 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_oversized_payload_is_refused():
     with pytest.raises(ImageError, match="byte limit"):
         decode_image(b"\xff" * (MAX_BYTES + 1))
+
+
+def test_eval_preset_in_halves_for_batches_is_the_same():
+    """Serving resizes each image, then normalises the whole batch: the same tensors as one image at a time."""
+    images = [decode_image(jpeg(80, 60, (10, 200, 30))), decode_image(noisy_jpeg())]
+    preset = EvalPreset(48)
+    batch = preset.normalize(torch.stack([preset.resize(img) for img in images]))
+    assert torch.allclose(batch, torch.stack([preset(img) for img in images]), atol=1e-6)
+    assert preset.resize(images[1]).dtype == torch.uint8
