@@ -4,7 +4,7 @@ clients at once, against the in-process BinCounter on the same good images one a
 Requests are `dataframe_split` JSON with one base64 image each: real ABID photos (../shared/abid-sample) if they
 are there, else generated bins; about 10% are bad (not an image, truncated JPEG, wrong column, empty body, bad
 JSON), at least one of each kind. Good requests must all answer 200 with the count the in-process model gives;
-bad ones must all get a 4xx. The model: by default the tests' tiny resnet18 (tests/conftest_serving.py), trained
+bad ones must all get a 4xx. The model: by default the tests' tiny resnet18 (tests/helpers_model.py), trained
 and logged in a temporary sqlite store; `--model` serves another URI (from $MLFLOW_TRACKING_URI); `--url` loads a
 server already running (`--model` then names what it serves, for the baseline). Torch gets one thread per
 process (`--threads`, server workers and baseline alike): on 2 shared cores, two OpenMP threads in one process
@@ -37,8 +37,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' tiny model and HTT
 
 from bincounter import serving  # noqa: E402
 from bincounter.synthetic import draw_bin  # noqa: E402
-from conftest_serving import build_tiny_model  # noqa: E402
-from test_serving import _free_port, post, split_request  # noqa: E402
+from helpers_model import build_tiny_model  # noqa: E402
+from conftest import free_port  # noqa: E402
+from test_serving import post, split_request  # noqa: E402
 
 SAMPLE_IMAGES = ROOT.parent / "shared" / "abid-sample" / "bin-images"
 BAD_KINDS = ("not an image", "truncated jpeg", "wrong column", "empty body", "bad json")
@@ -107,7 +108,7 @@ def make_plan(n: int, bad_frac: float, images: list[bytes], seed: int) -> list[d
 
 def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     """`mlflow models serve` in a session of its own (so that its uvicorn workers stop with it) -> (proc, url)."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)] + (["-w", str(workers)] if workers else [])
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # uvicorn is in the venv

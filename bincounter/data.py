@@ -3,29 +3,34 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from bincounter.transforms import read_image
+
+
+def class_indices(counts, classes: list[int]) -> list[int]:
+    """Counts -> their positions in `classes`. Raises ValueError naming the counts that are not classes."""
+    unknown = sorted(set(counts) - set(classes))
+    if unknown:
+        raise ValueError(f"counts {unknown} are not among the model's classes {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[c] for c in counts]
 
 
 class ManifestDataset(Dataset):
     """Rows of a manifest (path, count) -> (image tensor, class index). `classes` lists the counts in order."""
 
     def __init__(self, df: pd.DataFrame, classes: list[int], transform):
-        unknown = sorted(set(df["count"]) - set(classes))
-        if unknown:
-            raise ValueError(f"counts {unknown} are not among the model's classes {classes}")
         self.paths = df["path"].tolist()
-        index = {c: i for i, c in enumerate(classes)}
-        self.labels = [index[c] for c in df["count"]]
+        self.labels = class_indices(df["count"], classes)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as img:  # cached at ingest: verified, already small
-            x = self.transform(img.convert("RGB"))
-        return x, self.labels[i]
+        # cached at ingest (verified, already small); decoded by the one decoder, whose errors name the file
+        return self.transform(read_image(self.paths[i])), self.labels[i]
 
 
 def make_loader(ds: Dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,

@@ -17,15 +17,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from bincounter import abid
 from bincounter.manifest import COLUMNS, REJECT_COLUMNS, atomic_write_bytes
 from bincounter.sources import MissingObject, SourceError
+from bincounter.transforms import ImageError, decode_image
 
-REASONS = ["missing_image", "not_an_image", "corrupt_image", "bad_metadata", "unknown_count", "count_mismatch",
-           "count_out_of_range", "fetch_error"]
+REASONS = ["missing_image", "not_an_image", "corrupt_image", "too_large", "bad_metadata", "unknown_count",
+           "count_mismatch", "count_out_of_range", "fetch_error"]  # includes transforms.REASONS
 JPEG_QUALITY = 90
 RECORD_KEYS = {*COLUMNS, "cache_sha256", "metadata_count"}
 
@@ -86,25 +87,6 @@ class Cache:
         rec = dict(row, cache_sha256=sha256(image), metadata_count=metadata_count)
         atomic_write_bytes(self.record_path(row["image_id"]), json.dumps(rec).encode(), fsync=False)
         return row
-
-
-def decode(data: bytes, name: str) -> Image.Image:
-    """Bytes -> a fully decoded PIL image. A truncated or broken file raises Reject (truncated images are not
-    tolerated: PIL's LOAD_TRUNCATED_IMAGES stays off)."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds on hostile input
-        # PIL says "unidentified" for a broken JPEG header too: the JPEG start marker tells the two apart
-        if isinstance(e, UnidentifiedImageError) and data[:2] != b"\xff\xd8":
-            raise Reject("not_an_image", f"{name}: not an image ({len(data)} bytes starting {data[:12]!r})") from None
-        raise Reject("corrupt_image", f"{name}: unreadable image header ({len(data)} bytes; "
-                                      f"{type(e).__name__}: {e})") from None
-    try:
-        img.load()
-    except Exception as e:  # noqa: BLE001
-        raise Reject("corrupt_image", f"{name}: {img.format} {img.width}x{img.height} does not decode "
-                                      f"({type(e).__name__}: {e})") from None
-    return img
 
 
 def resized_jpeg(img: Image.Image, data: bytes, image_size: int) -> bytes:
@@ -170,7 +152,10 @@ class _Worker:
     def _store(self, image_id: str, count: int, data: bytes, metadata_count: int | None) -> dict:
         """Verify the original, cache its resized copy and record it -> the manifest row."""
         name = self.source.where(abid.image_key(image_id))
-        img = decode(data, name)
+        try:
+            img = decode_image(data, name, rgb=False)  # as stored: resized_jpeg keeps an RGB JPEG as it is
+        except ImageError as e:
+            raise Reject(e.reason, str(e)) from None
         row = {"image_id": image_id, "count": count, "sha256": sha256(data), "width": img.width,
                "height": img.height, "source": name}
         return self.cache.store(row, resized_jpeg(img, data, self.cache.image_size), metadata_count)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -15,6 +16,13 @@ SAMPLE = ROOT.parent / "shared" / "abid-sample"
 LABELS = ROOT.parent / "shared" / "abid-labels"
 needs_sample = pytest.mark.skipif(not (SAMPLE / "labels.csv").exists(),
                                   reason=f"the real ABID sample is not at {SAMPLE}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

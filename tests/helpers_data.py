@@ -17,8 +17,10 @@ from bincounter.manifest import COLUMNS, stratified_split, write_csv
 from bincounter.synthetic import draw_bin
 
 
-def make_manifest(directory: Path, n: int = 60, size: int = 64, classes=(1, 2, 3, 4, 5), seed: int = 0) -> pd.DataFrame:
-    """n generated bin photos (counts cycling through `classes`) as JPEGs in `directory` -> manifest rows."""
+def make_manifest(directory: Path, n: int = 60, size: int = 64, classes=(1, 2, 3, 4, 5), seed: int = 0,
+                  name: str = "img{i:05d}") -> pd.DataFrame:
+    """n generated bin photos (counts cycling through `classes`) as JPEGs in `directory` -> manifest rows.
+    `name` makes each image id (and file name) from i (0..n-1), its count and k (its number within that count)."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
@@ -26,9 +28,10 @@ def make_manifest(directory: Path, n: int = 60, size: int = 64, classes=(1, 2, 3
         buf = io.BytesIO()
         draw_bin(count, seed * 100_000 + i, size).save(buf, format="JPEG", quality=90)
         data = buf.getvalue()
-        path = directory / f"img{i:05d}.jpg"
+        image_id = name.format(i=i, count=count, k=i // len(classes))
+        path = directory / f"{image_id}.jpg"
         path.write_bytes(data)
-        rows.append({"image_id": f"img{i:05d}", "count": count, "path": str(path),
+        rows.append({"image_id": image_id, "count": count, "path": str(path),
                      "sha256": hashlib.sha256(data).hexdigest(), "width": size, "height": size,
                      "source": "synthetic"})
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from aws import REGION, aws, moto_server  # noqa: F401 (fixtures)
 from conftest import SAMPLE, last_run, needs_sample
-from conftest_serving import CLASSES, tiny_model  # noqa: F401 (fixture)
+from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
 from bincounter import cli, deploy, reconcile, serving
 

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from aws import IMAGE_URL, REGION, ROLE_ARN, SECRET, aws, bucket, moto_server, unique  # noqa: F401 (fixtures)
 from conftest import last_run, run_entry
-from conftest_serving import CLASSES, tiny_model  # noqa: F401 (fixture)
+from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
 from mlflow.sagemaker import SageMakerDeploymentClient

@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError, ReadTimeoutError
 from conftest import ROOT, SAMPLE, last_run, needs_sample, run_entry
 from PIL import Image
-from s3 import moto_endpoint, public_bucket, sample_objects
+from aws import moto_endpoint, public_bucket, sample_objects
 
 from bincounter import abid
 from bincounter.ingest import ingest

@@ -6,7 +6,7 @@ import uuid
 import mlflow
 import pytest
 from conftest import last_run, run_entry
-from conftest_serving import log_tiny_model, tiny_model  # noqa: F401 (fixture)
+from helpers_model import log_tiny_model, tiny_model  # noqa: F401 (fixture)
 from mlflow.tracking import MlflowClient
 
 from bincounter import cli, registry

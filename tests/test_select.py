@@ -7,7 +7,7 @@ import json
 import mlflow
 import pytest
 from conftest import last_run, run_entry
-from s3 import moto_endpoint, public_bucket
+from aws import moto_endpoint, public_bucket
 
 from bincounter import abid, sources
 from bincounter.sources import scan_bucket_counts

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -18,21 +17,18 @@ import zlib
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
-from conftest_serving import CLASSES, build_tiny_model
+from conftest import free_port
+from helpers_model import CLASSES, build_tiny_model
 from mlflow.tracking import MlflowClient
 
 from bincounter import serving
+from bincounter.model import IMAGENET_MEAN, IMAGENET_STD
 from bincounter.transforms import MAX_BYTES
 
 SERVED = "bin-counter-served"  # not `bin-counter`: other test modules register that name in the same store
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def server(store, tmp_path_factory):
     tiny = build_tiny_model(store / "tiny-model")
     mv = mlflow.register_model(tiny.model_uri, SERVED)
     MlflowClient().set_registered_model_alias(SERVED, "champion", mv.version)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # uvicorn is in the venv
     with open(log_path, "w") as log:
@@ -175,3 +171,35 @@ def test_the_served_model_holds_no_pickle_and_refuses_pickled_code(store, tmp_pa
     with pytest.raises(pickle.UnpicklingError):
         serving.BinCounter.from_dir(model_dir)
     assert not marker.exists()
+
+
+def test_batched_inference_equals_one_image_at_a_time_and_keeps_bad_rows_apart(monkeypatch):
+    """The parallel, chunked path gives each image the probabilities a lone forward gives it; bad images get
+    their own message in their own row and never move the others."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from bincounter.model import build_model, probabilities
+    from bincounter.synthetic import draw_bin
+    from bincounter.transforms import EvalPreset, decode_image
+
+    monkeypatch.setattr(serving, "MAX_BATCH", 4)  # several chunks, the next decoded while one runs
+    torch.manual_seed(0)
+    counter = serving.BinCounter(build_model("resnet18", 5), {"arch": "resnet18", "classes": CLASSES, "image_size": 32},
+                                 decode_threads=3)
+    images = []
+    for i in range(11):
+        b = io.BytesIO()
+        draw_bin(1 + i % 5, i, 48).save(b, "JPEG")
+        images.append(b.getvalue())
+    images[2], images[7], images[8] = b"", b"text, not a photo", images[7][:200]
+    probs, errors = counter.probabilities(images, [f"img{i}" for i in range(11)])
+    assert [i for i, e in enumerate(errors) if e] == [2, 7, 8]
+    assert errors[2].startswith("img2: empty") and "img7: not an image" in errors[7] and errors[8].startswith("img8:")
+    assert np.isnan(probs[[2, 7, 8]]).all()
+    with torch.inference_mode():
+        for i in (0, 1, 3, 4, 5, 6, 9, 10):
+            alone = probabilities(counter.model, EvalPreset(32, IMAGENET_MEAN, IMAGENET_STD)(decode_image(images[i]))[None])[0].numpy()
+            assert probs[i] == pytest.approx(alone, abs=1e-5), i

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -11,18 +10,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT, run_entry
+from conftest import ROOT, free_port, run_entry
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))),
                                  reason="PostgreSQL is not installed (apt-get install postgresql)")]
 SCRIPT = ROOT / "scripts" / "tracking_server.sh"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
-
-from bincounter.synthetic import draw_bin
+from helpers_data import make_manifest
 
 CLASSES = [1, 2, 3, 4, 5]
 
@@ -23,20 +21,8 @@ CLASSES = [1, 2, 3, 4, 5]
 class TinyModel:
     run_id: str          # the "train" run holding the pyfunc `model`
     model_uri: str       # runs:/<run_id>/model
-    images: Path         # a folder of generated bins: <count>-<i>.jpg
+    images: Path         # a folder of generated bins: <count>-<k>.jpg, two per count
     torch_model: object  # the trained module, to log more runs cheaply
-
-
-def write_bins(folder: Path, per_count: int = 2, size: int = 64, seed: int = 0) -> list[tuple[Path, int]]:
-    """Generated bins as JPEG files named <count>-<i>.jpg -> [(path, count)]."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for c in CLASSES:
-        for i in range(per_count):
-            p = folder / f"{c}-{i}.jpg"
-            draw_bin(c, seed * 1000 + c * 10 + i, size).save(p, quality=90)
-            out.append((p, c))
-    return out
 
 
 def log_tiny_model(torch_model, example: Path, experiment_id: str | None = None) -> str:
@@ -57,15 +43,13 @@ def build_tiny_model(root: Path) -> TinyModel:
     """Train and log the tiny model once (under `root`, in experiment `tiny-model`)."""
     from bincounter.training import TrainConfig, train_run
 
-    bins = write_bins(root / "bins")
-    df = pd.DataFrame({"image_id": [p.stem for p, _ in bins], "count": [c for _, c in bins],
-                       "path": [str(p) for p, _ in bins]})
+    df = make_manifest(root / "bins", n=2 * len(CLASSES), size=64, classes=CLASSES, name="{count}-{k}")
     cfg = TrainConfig(arch="resnet18", weights="none", image_size=32, epochs=1, batch_size=16, workers=0,
                       max_steps=2, patience=0, classes=CLASSES)
     exp_id = mlflow.create_experiment("tiny-model")  # not the test's experiment: tests count their own runs
     with mlflow.start_run(experiment_id=exp_id):
         result = train_run(cfg, df, df, checkpoint=False)
-    run_id = log_tiny_model(result["model"], bins[0][0], exp_id)
+    run_id = log_tiny_model(result["model"], Path(df["path"][0]), exp_id)
     return TinyModel(run_id, f"runs:/{run_id}/model", root / "bins", result["model"])
 
 
