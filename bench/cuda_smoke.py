@@ -27,7 +27,7 @@ from bincounter.model import build_model, get_arch  # noqa: E402
 from bincounter.tensor_cache import DeviceAugment, TrainBatches, open_cache  # noqa: E402
 from bincounter.serving import BinCounter  # noqa: E402
 from bincounter.training import CountLoss, TrainConfig, make_optimizer, train_one_epoch, train_run  # noqa: E402
-from steps.train import log_trained_model  # noqa: E402
+from bincounter.trainer import log_trained_model  # noqa: E402
 
 
 def main():

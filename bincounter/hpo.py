@@ -27,8 +27,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -88,7 +86,6 @@ STARTUP_TRIALS = 5
 
 
 TRIALS_FILE = "trials.json"
-KILL_ENV = "BINCOUNTER_FAULT_KILL_AFTER_TRIAL"  # fault injection for tests: SIGKILL after trial n is saved
 
 
 def hyperopt_space(space: dict = SEARCH_SPACE) -> dict:
@@ -335,8 +332,6 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
         shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         result = f"{metric}={out['value']:.4g}" if out["status"] == STATUS_OK else f"FAILED ({out['reason'][:120]})"
         print(f"hpo: trial {number}/{max_evals} {shown} -> {result}; best {best}", flush=True)
-        if os.environ.get(KILL_ENV) == str(number):
-            os.kill(os.getpid(), signal.SIGKILL)
         return loss
 
     def objective(draw: dict) -> dict:

@@ -20,7 +20,7 @@ Local side (`submit_and_wait`, called by steps/train.py inside its MLflow run):
   5. `wait()` polls describe_training_job, prints every status / secondary status change, and raises
      `JobFailed` with the job's own FailureReason (Failed, Stopped, or the local timeout, which stops the job).
 
-Job side (`container_main`, run by sm_entry.py): reads the channels from SM_CHANNEL_*, joins the MLflow run the
+Job side (`steps/sagemaker_job.py`, run by sm_entry.py): reads the channels from SM_CHANNEL_*, joins the MLflow run the
 local step created (MLFLOW_RUN_ID) and runs the same fit-and-log code as a local train step. Under torchrun
 (several instances) every process trains its DistributedSampler share and only rank 0 logs (bincounter.training). A spot interruption
 restarts the job with /opt/ml/checkpoints restored; training.Checkpointer resumes from there.
@@ -224,7 +224,7 @@ def source_tarball() -> bytes:
             tar.addfile(info, io.BytesIO(data))
 
         add("requirements.txt", "\n".join(JOB_REQUIREMENTS) + "\n")
-        add(ENTRY, "from bincounter.sagemaker_jobs import container_main\n\ncontainer_main()\n")
+        add(ENTRY, "from steps.sagemaker_job import main\n\nmain()\n")
     return buf.getvalue()
 
 
@@ -348,52 +348,3 @@ def submit_and_wait(settings: JobSettings, params: dict, run_id: str, classes: l
         except Exception:  # noqa: BLE001 -- bookkeeping must not hide the job's own outcome
             pass
     return d
-
-
-# ---------------------------------------------------------------------------------------------------- job side
-def container_main(argv: list[str] | None = None) -> str:
-    """Inside the job: the train step's fit-and-log on the channels' data, in the MLflow run the local step made."""
-    from bincounter.manifest import read_manifest
-    from steps import train
-
-    p = train.get_args_parser()
-    p.add_argument("--mlflow_run_id", default="")
-    p.add_argument("--hpo_trial", default="false", help="true: an hpo trial (no model; bincounter.hpo scores it)")
-    args, unknown = p.parse_known_args(argv)
-    trial = args.hpo_trial.lower() == "true"
-    del args.hpo_trial
-    if unknown:
-        print(f"sm_entry: ignoring {unknown}", file=sys.stderr)
-    run_id = args.mlflow_run_id or os.environ.get("MLFLOW_RUN_ID", "")
-    del args.mlflow_run_id
-    if run_id:
-        os.environ["MLFLOW_RUN_ID"] = run_id
-    args.backend = "local"
-    splits = Path(os.environ.get("SM_CHANNEL_SPLITS", "/opt/ml/input/data/splits"))
-    classes = json.loads((splits / "classes.json").read_text())
-    frames = {}
-    for split in ("train", "val"):
-        df = read_manifest(splits / f"{split}.csv")
-        images = Path(os.environ.get(f"SM_CHANNEL_{split.upper()}", f"/opt/ml/input/data/{split}"))
-        frames[split] = df.assign(path=[str(images / r) for r in df["path"]])
-    cfg = train.config_from(args, classes)
-    try:
-        if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: train their share, log nothing
-            from bincounter.training import train_run
-
-            train_run(cfg, frames["train"], frames["val"], resume=args.resume)
-            return run_id
-        if trial:  # the trial's child run, made by the hpo step: metrics (best_<metric>) and checkpoints only
-            import mlflow
-
-            from bincounter.training import train_run
-
-            with mlflow.start_run(run_id=run_id):
-                train_run(cfg, frames["train"], frames["val"], resume=True)
-            return run_id
-        return train.fit_and_log(args, cfg, frames["train"], frames["val"])
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()

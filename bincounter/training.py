@@ -27,6 +27,7 @@ from tqdm import tqdm
 from bincounter import metrics
 from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
+from bincounter.tensor_cache import TensorCache, TrainBatches, open_cache
 from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities
 from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
 
@@ -40,6 +41,7 @@ OPTIMIZERS = ("adamw", "sgd", "adam")
 MONITORS = {"val_accuracy": "max", "val_rmse": "min", "val_mae": "min", "val_within1_accuracy": "max",
             "val_loss": "min"}
 BN_MODES = ("batch", "frozen")
+DATA_PATHS = ("pil", "tensor")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainConfig:
     monitor: str = "val_accuracy"  # early stopping and the kept epoch follow it (MONITORS)
     max_steps: int = 0  # train batches per epoch, 0 = all (tests and quick trials)
     workers: int = 0  # data-loading processes: on a 2-core CPU they only steal cores from the math (bench/train.py)
+    data_path: str = "pil"  # pil: decode + augment per image in the loader; tensor: tensor_cache (for accelerators)
     seed: int = 42
     # levers for few training images (bench/few_real.py measures each): see CountLoss, TrainPreset, lr_factor
     ordinal_weight: float = 0.0  # weight of the squared count error beside cross-entropy; 0 = cross-entropy only
@@ -101,6 +104,7 @@ class TrainConfig:
             (0 < self.backbone_lr <= 1 and math.isfinite(self.backbone_lr),
              f"backbone_lr must be in (0, 1] (a fraction of lr), got {self.backbone_lr}"),
             (self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}"),
+            (self.data_path in DATA_PATHS, f"data_path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
             (pretrained or (self.freeze_epochs == 0 and self.bn == "batch"),
              "freeze_epochs and bn=frozen need pretrained weights (a random backbone has nothing to keep); "
              "got weights=none"),
@@ -334,6 +338,7 @@ class Fit:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     train_ds: ManifestDataset
+    cache: TensorCache | None  # data_path=tensor: the training images, decoded once
     val_loader: torch.utils.data.DataLoader
     device: torch.device
     rank: int
@@ -377,8 +382,11 @@ def setup(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkp
     train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size, cfg.augment, arch.mean, arch.std))
     val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size, arch.mean, arch.std)),
                              cfg.batch_size, cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
+    # the tensor cache sits beside the images it is made from (the ingest cache), keyed by their content
+    cache = open_cache(train_df, cfg.image_size, Path(os.path.commonpath(list(train_df["path"]))).parent / "tensors") \
+        if cfg.data_path == "tensor" else None
     run_id = mlflow.active_run().info.run_id if rank == 0 else None
-    return Fit(cfg=cfg, net=net, model=net, optimizer=optimizer, scheduler=scheduler,
+    return Fit(cfg=cfg, net=net, model=net, optimizer=optimizer, scheduler=scheduler, cache=cache,
                scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
                criterion=CountLoss(cfg.classes, cfg.ordinal_weight, cfg.label_smoothing).to(device),
                train_ds=train_ds, val_loader=val_loader, device=device, rank=rank, world=world, run_id=run_id,
@@ -432,18 +440,29 @@ def wrap_distributed(fit: Fit) -> None:
         print(f"train: distributed data parallel over {fit.world} processes ({dist.get_backend()})")
 
 
+def epoch_batches(fit: Fit, epoch: int):
+    """The training batches of `epoch`: their order and augmentation draws depend on (seed, epoch) only, so a
+    resumed run replays the same batches; through a DataLoader (data_path=pil) or the tensor cache (tensor)."""
+    cfg, seed = fit.cfg, fit.cfg.seed * 1000 + epoch
+    draw = balanced_sampler(fit.train_ds.labels, seed) if cfg.balanced else fit.sampler
+    if fit.cache is not None:
+        arch = get_arch(cfg.arch)
+        counts = [cfg.classes[i] for i in fit.train_ds.labels]
+        return TrainBatches(fit.cache, counts, cfg.classes, cfg.batch_size, seed, fit.device, arch.mean, arch.std,
+                            cfg.augment, sampler=draw)
+    return make_loader(fit.train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=seed,
+                       pin_memory=fit.device.type == "cuda", sampler=draw)
+
+
 def train_epochs(fit: Fit) -> None:
     """The epoch loop from the epoch after `fit.epoch`: train, validate, log (step=epoch), keep the best epoch by
     `monitor`, checkpoint; stops early after `patience` epochs without a better `monitor`."""
     cfg = fit.cfg
     while fit.epoch < cfg.epochs and not (cfg.patience and fit.bad_epochs >= cfg.patience):
         epoch = fit.epoch + 1
-        # order and augmentation draws depend on (seed, epoch) only: resume replays the same batches
         if fit.sampler:
             fit.sampler.set_epoch(epoch)
-        draw = balanced_sampler(fit.train_ds.labels, cfg.seed * 1000 + epoch) if cfg.balanced else fit.sampler
-        loader = make_loader(fit.train_ds, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                             pin_memory=fit.device.type == "cuda", sampler=draw)
+        loader = epoch_batches(fit, epoch)
         lr = fit.optimizer.param_groups[0]["lr"]  # this epoch's (the scheduler steps after it)
         set_train_mode(fit.net, cfg, epoch)
         tr = train_one_epoch(fit.model, loader, fit.criterion, fit.optimizer, fit.scaler, fit.device,

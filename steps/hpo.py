@@ -19,11 +19,9 @@ import tempfile
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from bincounter import hpo
-from bincounter.model import ARCHS
+from bincounter import hpo, trainer
 from bincounter.runs import start_step, whole
 from bincounter.training import MONITORS, TrainConfig
-from steps import train
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,26 +32,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=float, default=1.0, help="fraction of the train split per trial (stratified, seeded)")
     p.add_argument("--metric", default=TrainConfig.monitor,
                    help=f"selection metric, one of {', '.join(MONITORS)}; each trial also keeps its best epoch by it")
-    # the train step's fixed parameters, passed through to every trial
-    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
-    p.add_argument("--weights", default="imagenet")
-    p.add_argument("--image_size", type=whole, default=224)
-    p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch, 0 = all")
-    p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
-    p.add_argument("--seed", type=whole, default=42, help="seeds the search (same seed, same trials) and training")
+    trainer.add_model_options(p)  # the train step's, passed through to every trial
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="sagemaker: every trial is a SageMaker training job (docs/sagemaker.md)")
     p.add_argument("--parallel_trials", type=whole, default=1, help="trials at once; more than 1 needs backend=sagemaker")
-    # where the jobs run: the train step's options of the same names
-    for a in train.get_args_parser()._actions:
-        if a.dest in train.SAGEMAKER_OPTS and a.dest != "backend":
-            p.add_argument(*a.option_strings, type=a.type, default=a.default, choices=a.choices, help=a.help)
+    trainer.add_sagemaker_options(p)
     return p
 
 
 # the train step's parameters that every trial takes from this step
-FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "seed")
-NOT_SETTINGS = ("workers", "parallel_trials", *train.SAGEMAKER_OPTS)
+FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "data_path", "seed")
+NOT_SETTINGS = ("workers", "parallel_trials", *trainer.SAGEMAKER_OPTS)
 
 
 def trial_runner(args: argparse.Namespace, settings, train_args: argparse.Namespace, make_config, classes,
@@ -64,7 +53,7 @@ def trial_runner(args: argparse.Namespace, settings, train_args: argparse.Namesp
     key = f"best_{args.metric}"
 
     def run(number: int, params: dict, child_id: str) -> float:
-        job = {**train.job_params(train_args, make_config(params)), "hpo_trial": True}
+        job = {**trainer.job_params(train_args, make_config(params)), "hpo_trial": True}
         sagemaker_jobs.submit_and_wait(settings, job, child_id, classes, train_df, val_df, staged=staged,
                                        log=lambda m: print(f"hpo: trial {number}: {m}", flush=True))
         metrics = MlflowClient().get_run(child_id).data.metrics
@@ -80,16 +69,16 @@ def main(args: argparse.Namespace) -> str:
     if args.parallel_trials < 1 or (args.parallel_trials > 1 and args.backend != "sagemaker"):
         raise ValueError(f"parallel_trials must be at least 1, and more than 1 needs backend=sagemaker; "
                          f"got {args.parallel_trials} with backend={args.backend}")
-    sm = train.sagemaker_settings(args).validate() if args.backend == "sagemaker" else None
+    sm = trainer.sagemaker_settings(args).validate() if args.backend == "sagemaker" else None
     with tempfile.TemporaryDirectory() as tmp:
-        classes, train_df, val_df = train.load_split(args.split_run_id, tmp)
+        classes, train_df, val_df = trainer.load_split(args.split_run_id, tmp)
         # a trial is configured exactly as the train step would be with these fixed parameters and its draws
-        train_args = train.get_args_parser().parse_args([f"--{k}={getattr(args, k)}" for k in FIXED]
+        train_args = trainer.get_args_parser().parse_args([f"--{k}={getattr(args, k)}" for k in FIXED]
                                                         + [f"--monitor={args.metric}"])
-        train.config_from(train_args, classes)  # validates the fixed parameters
+        trainer.config_from(train_args, classes)  # validates the fixed parameters
 
         def make_config(draws: dict):
-            return train.config_from(train_args, classes, **draws)
+            return trainer.config_from(train_args, classes, **draws)
 
         with start_step("hpo", args) as run:
             mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")

@@ -64,6 +64,17 @@ def run_entry(entry: str, params: dict, *extra: str, check: bool = True, timeout
     return p
 
 
+def kill_env(after_epoch: int | None = None, after_trial: int | None = None) -> dict:
+    """Environment for run_entry's env_extra that SIGKILLs the step after training saved epoch `after_epoch`, or
+    after hpo saved trial `after_trial` (tests/faults/sitecustomize.py)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH", "")])}
+    if after_epoch is not None:
+        env["BINCOUNTER_TEST_KILL_AFTER_EPOCH"] = str(after_epoch)
+    if after_trial is not None:
+        env["BINCOUNTER_TEST_KILL_AFTER_TRIAL"] = str(after_trial)
+    return env
+
+
 def last_run(step: str):
     """The newest run of `step` in the test's experiment."""
     runs = mlflow.search_runs(experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]],

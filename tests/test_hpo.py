@@ -8,13 +8,14 @@ import json
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT, last_run, run_entry
+from conftest import ROOT, kill_env, last_run, run_entry
 from helpers_data import make_split_run
 from mlflow.tracking import MlflowClient
 
 from bincounter import hpo, training
 from bincounter.manifest import read_manifest
 from steps import hpo as hpo_step
+from bincounter import trainer
 from steps import train as train_step
 
 SMALL = {"arch": "resnet18", "weights": "none", "image_size": 32, "max_steps": 2, "workers": 0}
@@ -208,8 +209,7 @@ def test_resume_in_process_runs_only_the_remaining_trials(split_id, monkeypatch)
 
 def test_resume_after_kill_through_mlflow_run(split_id, monkeypatch):
     params = {"split_run_id": split_id, "max_evals": 2, "epochs": 1, **SMALL}
-    monkeypatch.setenv(hpo.KILL_ENV, "1")  # SIGKILL right after trial 1 is saved
-    p = run_entry("hpo", params, check=False)
+    p = run_entry("hpo", params, check=False, env_extra=kill_env(after_trial=1))  # SIGKILL once trial 1 is saved
     assert p.returncode != 0
     parent = last_run("hpo")
     pid = parent.info.run_id
@@ -217,7 +217,6 @@ def test_resume_after_kill_through_mlflow_run(split_id, monkeypatch):
     first = trials_json(pid)["trials"]
     assert len(first) == 1 and len(children(pid)) == 1
 
-    monkeypatch.delenv(hpo.KILL_ENV)
     run_entry("hpo", params, "--run-id", pid)
     assert mlflow.get_run(pid).info.status == "FINISHED"
     final = trials_json(pid)["trials"]
@@ -236,7 +235,7 @@ def test_train_takes_the_best_params_and_explicit_ones_win(split_id, monkeypatch
         m.setattr(training, "train_run", FakeTraining())
         hpo_id = hpo_step.main(hpo_args(split_id, max_evals=3))
     best = mlflow.get_run(hpo_id).data.params
-    monkeypatch.setattr(train_step, "log_trained_model", lambda *a, **k: None)  # the model is not the point here
+    monkeypatch.setattr(trainer, "log_trained_model", lambda *a, **k: None)  # the model is not the point here
 
     def train(*extra):
         argv = ["--split_run_id", split_id, "--hpo_run_id", hpo_id, "--epochs", "1", "--arch", "resnet18",

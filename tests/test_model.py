@@ -195,7 +195,7 @@ def test_bad_lever_values_are_refused_naming_them(pretrained_file, bad, message)
 def test_logged_model_carries_its_input_normalisation(tmp_path):
     """A Lite model's config holds its (0.5, 0.5, 0.5) normalisation, and serving applies it."""
     from bincounter import serving
-    from steps.train import log_trained_model
+    from bincounter.trainer import log_trained_model
 
     df = make_manifest(tmp_path / "img", n=10, size=32)
     cfg = TrainConfig(arch="efficientnet_lite0", weights="none", image_size=32, epochs=1, batch_size=5,

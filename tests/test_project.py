@@ -18,7 +18,9 @@ def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def test_every_step_has_an_entry_point_and_back():
-    modules = sorted(p.stem for p in (ROOT / "steps").glob("*.py") if not p.stem.startswith("_"))
+    # sagemaker_job is the training job's own entry (run by SageMaker, not by `mlflow run`)
+    modules = sorted(p.stem for p in (ROOT / "steps").glob("*.py") if not p.stem.startswith("_")
+                     and p.stem != "sagemaker_job")
     assert modules == ENTRIES
     assert {"main", "select", "ingest", "split", "hpo", "train", "evaluate", "register", "deploy"} <= set(ENTRIES)
     assert PROJECT["conda_env"] == "conda.yaml" and (ROOT / "conda.yaml").exists()
@@ -67,3 +69,19 @@ def test_architectures_and_monitors_have_one_spelling(entry):
     readme = (ROOT / "README.md").read_text()
     assert ", ".join(f"`{a}`" for a in ARCHS) in readme
     assert ", ".join(f"`{m}`" for m in MONITORS) in readme
+
+
+def test_hpo_declares_the_train_options_it_shares_through_the_same_code():
+    """hpo passes the train step's model and SageMaker options to its trials: same names, defaults, choices."""
+    train, hpo = (options(importlib.import_module(f"steps.{e}").get_args_parser()) for e in ("train", "hpo"))
+    shared = set(train) & set(hpo) - {"split_run_id", "epochs"}
+    assert {"arch", "weights", "image_size", "data_path", "seed", "instance_type", "s3_output"} <= shared
+    for name in shared:
+        a, b = train[name], hpo[name]
+        assert (a.default, a.choices, a.type) == (b.default, b.choices, b.type), name
+
+
+def test_the_library_never_imports_a_step():
+    for path in (ROOT / "bincounter").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from steps\b|import steps\b)", text, re.M), path.name

@@ -1,6 +1,6 @@
 """train -P backend=sagemaker against a moto server on loopback: settings refused before any AWS call, the
 CreateTrainingJob request (image, hyperparameters, environment, channels, checkpoint, spot), status polling, a
-failed job's reason reaching the user and its MLflow run, and the job side (sm_entry.py's container_main) on
+failed job's reason reaching the user and its MLflow run, and the job side (sm_entry.py -> steps/sagemaker_job.py) on
 channels laid out the way SageMaker lays them out."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from helpers_data import make_split_run
 from mlflow.tracking import MlflowClient
 
 from bincounter import sagemaker_jobs as sj
-from steps import train
+from steps import sagemaker_job, train
 
 IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/bincounter-train:test"
 JOB_TRACKING = "http://mlflow.internal.example:5000"
@@ -193,7 +193,7 @@ def test_train_step_creates_the_training_job_and_ends_its_run(tmp_path, bucket, 
     with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=src_bucket, Key=src_key)["Body"].read())) as tar:
         names = set(tar.getnames())
         reqs = tar.extractfile("requirements.txt").read().decode()
-    assert {"sm_entry.py", "bincounter/sagemaker_jobs.py", "bincounter/training.py", "steps/train.py"} <= names
+    assert {"sm_entry.py", "bincounter/sagemaker_jobs.py", "bincounter/training.py", "steps/train.py", "steps/sagemaker_job.py"} <= names
     assert "mlflow==3.17.2" in reqs and "torch" not in reqs
 
     # channels: the split tables, and manifests listing exactly the uploaded cache images
@@ -291,7 +291,7 @@ def test_job_side_trains_into_the_local_steps_run_and_checkpoints_for_spot(tmp_p
     for k, v in {**env, "SM_CHECKPOINT_DIR": str(job / "checkpoints")}.items():
         monkeypatch.setenv(k, v)
     # the job's MLflow is the tests' store here; the run id comes from the job's hyperparameters
-    assert sj.container_main(toolkit_argv(req["HyperParameters"])) == run_id
+    assert sagemaker_job.main(toolkit_argv(req["HyperParameters"])) == run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [1]
@@ -401,7 +401,7 @@ def test_hpo_runs_trials_as_parallel_training_jobs(tmp_path, bucket, job_trackin
     env = download_channels(boto3.client("s3", region_name=REGION), req, tmp_path / "job" / "input")
     for k, v in {**env, "SM_CHECKPOINT_DIR": str(tmp_path / "job" / "checkpoints")}.items():
         monkeypatch.setenv(k, v)
-    assert sj.container_main(toolkit_argv(req["HyperParameters"])) == children[0].info.run_id
+    assert sagemaker_job.main(toolkit_argv(req["HyperParameters"])) == children[0].info.run_id
     assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_loss")] == [1]
     assert "model" not in {f.path for f in client.list_artifacts(children[0].info.run_id)}
     assert client.get_run(children[0].info.run_id).data.tags["bincounter.step"] == "hpo_trial"

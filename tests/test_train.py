@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, last_run, run_entry
+from conftest import ROOT, kill_env, last_run, run_entry
 from helpers_data import make_split_run
 
 TINY = dict(arch="resnet18", weights="none", image_size=32, epochs=2, max_steps=2, workers=0, batch_size=8)
@@ -62,8 +62,7 @@ def test_train_then_evaluate_through_mlflow_run(tmp_path):
 def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path):
     split = make_split_run(tmp_path, n=40, size=48)
     params = dict(split_run_id=split, **TINY)
-    killed = run_entry("train", params, check=False,
-                       env_extra={"BINCOUNTER_FAULT_KILL_AFTER_EPOCH": "1"})
+    killed = run_entry("train", params, check=False, env_extra=kill_env(after_epoch=1))
     assert killed.returncode != 0
     run_id = last_run("train").info.run_id
     assert [s for s, _ in history(run_id, "val_loss")] == [1]
@@ -133,7 +132,7 @@ def test_evaluate_counts_unreadable_images_and_goes_on(tmp_path):
     split = make_split_run(tmp_path, n=30, size=32)
     with mlflow.start_run() as run:
         from bincounter.training import TrainConfig, train_run
-        from steps.train import load_split, log_trained_model
+        from bincounter.trainer import load_split, log_trained_model
 
         classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
         cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes})
@@ -164,7 +163,7 @@ def test_training_can_start_from_an_earlier_model(tmp_path):
 
     from bincounter.model import build_model
     from bincounter.training import TrainConfig, train_run
-    from steps.train import load_split, log_trained_model
+    from bincounter.trainer import load_split, log_trained_model
 
     split = make_split_run(tmp_path, n=20, size=32)
     classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))

