@@ -66,18 +66,22 @@ assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly train
 
 def space_for(weights: str, train_size: int | None = None, epochs: int = 1) -> dict:
     """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, in whole or
-    for a while, nor its statistics kept, and trains at one rate; head-first training needs at least 2 epochs;
-    batch sizes above the training set are dropped (one step per epoch learns nothing)."""
+    for a while, nor its statistics kept, trains at one rate, and not at rates above 1e-2 (from scratch they
+    diverge); head-first training needs at least 2 epochs; a batch size that leaves fewer than MIN_STEPS steps
+    per epoch is dropped (a few steps per epoch learn nothing in a short training), keeping the smallest."""
     space = dict(SEARCH_SPACE)
     if weights == "none":
         space.update(freeze={"choice": [False]}, freeze_epochs={"choice": [0]}, backbone_lr={"choice": [1.0]},
-                     bn={"choice": ["batch"]})
+                     bn={"choice": ["batch"]}, lr={"loguniform": [SEARCH_SPACE["lr"]["loguniform"][0], 1e-2]})
     if epochs < 2:
         space["freeze_epochs"] = {"choice": [0]}
     if train_size is not None:
         sizes = SEARCH_SPACE["batch_size"]["choice"]
-        space["batch_size"] = {"choice": [b for b in sizes if b <= train_size] or sizes[:1]}
+        space["batch_size"] = {"choice": [b for b in sizes if b * MIN_STEPS <= train_size] or sizes[:1]}
     return space
+
+
+MIN_STEPS = 10  # training steps per epoch that a batch size must leave (space_for)
 
 # Random trials before TPE starts modelling the results. hyperopt's default (20) is more than a usual search
 # here (max_evals 8), which would make it a pure random search. A constant, not a share of max_evals, so the

@@ -124,6 +124,16 @@ def champion(name: str) -> ModelVersion | None:
         return None
 
 
+def champion_evaluation(name: str):
+    """-> (the champion version, the newest FINISHED evaluate run of its model, or None); None when no champion."""
+    version = champion(name)
+    if version is None:
+        return None
+    uris = [f"models:/{name}/{version.version}"] + ([f"runs:/{version.run_id}/model"] if version.run_id else [])
+    runs = [r for uri in uris for r in _evaluate_runs(None, f"params.model_uri = '{uri}'")]
+    return version, max(runs, key=lambda r: r.info.start_time, default=None)
+
+
 def _champion_score(name: str, version: ModelVersion, data: str, metric: str) -> float | None:
     """The champion's `metric` on test data `data` from any FINISHED evaluate run of its model, or None."""
     uris = [f"models:/{name}/{version.version}"] + ([f"runs:/{version.run_id}/model"] if version.run_id else [])

@@ -7,11 +7,23 @@ export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 export GIT_PYTHON_REFRESH=quiet
 EXPERIMENT=${EXPERIMENT:-bin-counter-demo}
 PORT=${PORT:-5001}
+SEED=${SEED:-42}
 
-mlflow run . --env-manager local --experiment-name "$EXPERIMENT" \
-  -P source=synthetic -P num_images=1500 -P cache_dir=data \
-  -P arch=resnet18 -P weights=none -P image_size=64 \
-  -P max_evals=4 -P hpo_epochs=1 -P epochs=10 -P workers=0
+params=()
+while read -r kv; do params+=(-P "$kv"); done < <(grep -v '^#' scripts/demo.params | grep .)
+mlflow run . --env-manager local --experiment-name "$EXPERIMENT" "${params[@]}" -P cache_dir=data -P seed="$SEED"
+
+python - <<'PY'
+from bincounter.registry import champion_evaluation
+found = champion_evaluation("bin-counter")
+if found is None or found[1] is None:
+    raise SystemExit("demo: no evaluated champion")
+version, ev = found
+m = ev.data.metrics
+print(f"== champion bin-counter v{version.version} on {int(m['test_size'])} held-out generated bins:")
+for k in ("accuracy", "rmse", "mae", "within1_accuracy"):
+    print(f"  {k:17s} {m['test_' + k]:.3f}   (majority baseline {m['baseline_' + k]:.3f})")
+PY
 
 echo "== serving models:/bin-counter@champion on 127.0.0.1:$PORT"
 mlflow models serve -m models:/bin-counter@champion --env-manager local -h 127.0.0.1 -p "$PORT" \

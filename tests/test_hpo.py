@@ -122,7 +122,8 @@ def test_hpo_entry_point_end_to_end(split_id):
     assert space["space"]["freeze"] == {"choice": [False]} and all(t.data.params["freeze"] == "False" for t in trials)
     assert hpo.space_for("imagenet", epochs=2) == hpo.SEARCH_SPACE
     assert hpo.space_for("imagenet")["freeze_epochs"] == {"choice": [0]}  # one epoch: no head-first phase
-    assert hpo.space_for("imagenet", 100)["batch_size"] == {"choice": [32, 64]}
+    assert hpo.space_for("imagenet", 700)["batch_size"] == {"choice": [32, 64]}  # at least 10 steps an epoch
+    assert hpo.space_for("none")["lr"] == {"loguniform": [1e-4, 1e-2]}  # from scratch, high rates diverge
 
 
 def test_failed_trial_is_recorded_and_the_search_goes_on(split_id, monkeypatch):

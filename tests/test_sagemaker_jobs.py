@@ -372,7 +372,7 @@ def test_hpo_runs_trials_as_parallel_training_jobs(tmp_path, bucket, job_trackin
     split = make_split_run(tmp_path, n=20, size=32)
     argv = [f"--split_run_id={split}", "--max_evals=3", "--parallel_trials=2", "--backend=sagemaker",
             f"--role_arn={ROLE_ARN}", f"--region={REGION}", f"--s3_output=s3://{bucket}/hpo", f"--image_uri={IMAGE}",
-            "--arch=resnet18", "--weights=none", "--image_size=32", "--max_steps=1", "--workers=0"]
+            "--arch=resnet18", "--weights=none", "--image_size=32", "--max_steps=1", "--workers=0", "--metric=val_loss"]
     parent_id = hpo_step.main(hpo_step.get_args_parser().parse_args(argv))
 
     client = MlflowClient()
