@@ -204,7 +204,7 @@ def set_train_mode(net: nn.Module, cfg: TrainConfig, epoch: int) -> None:
     head_only = cfg.freeze or epoch <= cfg.freeze_epochs
     if cfg.freeze_epochs and not cfg.freeze:
         for name, p in net.named_parameters():
-            p.requires_grad = head_only is False or is_head(cfg.arch, name)
+            p.requires_grad = not head_only or is_head(cfg.arch, name)
     head = get_arch(cfg.arch).head
     for name, m in net.named_modules():
         if name == head or name.startswith(head + ".") or any(m.children()):

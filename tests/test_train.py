@@ -178,3 +178,44 @@ def test_training_can_start_from_an_earlier_model(tmp_path):
     other = build_model("resnet18", 3, weights=f"runs:/{run.info.run_id}/model")  # new classes: a fresh head
     assert other.fc.out_features == 3
     assert torch.equal(other.layer1[0].conv1.weight, result["model"].layer1[0].conv1.weight)
+
+
+def test_resume_with_another_monitor_is_refused_saying_so(tmp_path):
+    """A resumed run keeps what it started with: a changed monitor is an error naming it, before any training."""
+    from bincounter.trainer import load_split
+    from bincounter.training import TrainConfig, train_run
+
+    split = make_split_run(tmp_path, n=20, size=32)
+    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes, "monitor": "val_loss"})
+    with mlflow.start_run() as run:
+        train_run(cfg, train_df, val_df)
+    with mlflow.start_run(run_id=run.info.run_id):
+        with pytest.raises(ValueError, match=r"checkpoint made with other settings \(monitor: 'val_loss' -> "
+                                             r"'val_rmse'\)"):
+            train_run(TrainConfig(**{**TINY, "epochs": 1, "classes": classes, "monitor": "val_rmse"}),
+                      train_df, val_df)
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == [1]
+
+
+def test_early_stopping_and_the_kept_epoch_follow_the_monitor(tmp_path, monkeypatch):
+    """val_loss rising while val_accuracy improves (an overconfident model): monitor=val_accuracy keeps training
+    and keeps the most accurate epoch; monitor=val_loss stops after `patience` and keeps epoch 1."""
+    from bincounter import training
+    from bincounter.trainer import load_split
+
+    split = make_split_run(tmp_path, n=20, size=32)
+    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    scripted = iter([])
+
+    def evaluate(*args, **kwargs):
+        return next(scripted)
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    for monitor, epochs_run, best in (("val_accuracy", 4, 4), ("val_loss", 3, 1)):
+        scripted = iter({"loss": 1.0 + e, "accuracy": 0.2 + 0.1 * e, "rmse": 2.0 - 0.2 * e, "mae": 1.0,
+                         "within1_accuracy": 0.5} for e in range(4))
+        cfg = training.TrainConfig(**{**TINY, "epochs": 4, "patience": 2, "classes": classes, "monitor": monitor})
+        with mlflow.start_run():
+            result = training.train_run(cfg, train_df, val_df, checkpoint=False)
+        assert (len(result["history"]), result["best_epoch"]) == (epochs_run, best), monitor
