@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import mlflow
@@ -123,11 +124,34 @@ def run_name(step: str, params: dict) -> str:
     return step
 
 
-def _tag_experiment_kind(experiment_id: str) -> None:
-    """Tag the experiment as model training (unless it already has a kind) so the UI opens on its runs."""
+# A saved view of the runs table (MLflow's shared view: an experiment tag the UI opens with
+# ?viewStateShareKey=<key>): the columns to compare the step runs on. (Which rows are expanded is not part of a
+# shared view: main's step runs stay folded under it until "Expand rows" is ticked.)
+VIEW_KEY = "bincounter"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_accuracy`", "metrics.`test_accuracy`",
+                            "metrics.`test_rmse`", "params.`hp_lr`", "params.`arch`", "params.`image_size`",
+                            "params.`epochs`"]}
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page of the experiment's runs in the model-training view with the saved view.
+
+    MLflow 3.17's UI opens in its GenAI view whatever the experiment's kind tag says (the choice is a global
+    toggle) unless the URL asks for `workflowType=machine_learning`."""
+    return (f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}")
+
+
+def _tag_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training (unless it has a kind) and give it the saved view (unless it has
+    one): what the UI needs to open on the step runs."""
     client = MlflowClient()
-    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+    tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND_TAG not in tags:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if VIEW_TAG not in tags:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(VIEW))
 
 
 def start_step(step: str, args: argparse.Namespace, name: str | None = None, **run_kwargs):
@@ -135,7 +159,7 @@ def start_step(step: str, args: argparse.Namespace, name: str | None = None, **r
     it (`name`, default `run_name(step, args)`); the experiment gets the model-training kind."""
     run = mlflow.start_run(**run_kwargs)
     mlflow.set_tag("bincounter.step", step)
-    _tag_experiment_kind(run.info.experiment_id)
+    _tag_experiment(run.info.experiment_id)
     params = {k: ("" if v is None else v) for k, v in vars(args).items()}
     existing = mlflow.get_run(run.info.run_id).data.params
     # `mlflow run` has logged the entry point's parameters already; MLflow refuses to change a logged value
