@@ -43,11 +43,10 @@ def test_a_server_that_is_not_up_fails_fast_naming_its_uri():
 
 
 def project_run(entry: str, params: dict, experiment_id: str) -> str:
-    """Run an entry point the way main does (in a run created beforehand, so its parameters are logged
-    unquoted) -> run id."""
+    """Run an entry point the way main does, in a run created beforehand (so its parameters are logged as the
+    step parsed them, not shell-quoted) -> run id."""
     run_id = create_project_run(entry, experiment_id, ROOT)
-    mlflow.projects.run(str(ROOT), entry_point=entry, parameters={k: str(v) for k, v in params.items()},
-                        env_manager="local", experiment_id=experiment_id, run_id=run_id, synchronous=True)
+    run_entry(entry, params, "--run-id", run_id, timeout=900)
     return run_id
 
 
