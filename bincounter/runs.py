@@ -126,7 +126,7 @@ def run_name(step: str, params: dict) -> str:
 
 # A saved view of the runs table (MLflow's shared view: an experiment tag the UI opens with
 # ?viewStateShareKey=<key>): the columns to compare the step runs on. (Which rows are expanded is not part of a
-# shared view: main's step runs stay folded under it until "Expand rows" is ticked.)
+# shared view: main's step runs stay folded under its row until its `+` is clicked.)
 VIEW_KEY = "bincounter"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_accuracy`", "metrics.`test_accuracy`",
