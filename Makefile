@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export GIT_PYTHON_REFRESH = quiet
 
-.PHONY: venv test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop
+.PHONY: venv browser test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
 
 venv: $(VENV)/.installed
 
@@ -18,10 +18,24 @@ $(VENV)/.installed: pyproject.toml
 test: venv          ## the test suite without the slow tests (what CI runs first)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
-test-slow: venv     ## only the slow tests (learning, random kills, tracking server)
+# Debian's chromium + chromium-driver for the browser test (tests/test_ui.py; a browser that downloads itself
+# fails offline). Installed with apt-get when missing; where that is impossible the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium chromium-driver >/dev/null \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } \
+	  || echo "make browser: could not install chromium chromium-driver; the UI test will skip"; \
+	elif sudo -n true 2>/dev/null; then sudo -n apt-get install -y -q chromium chromium-driver >/dev/null \
+	  || echo "make browser: could not install chromium chromium-driver; the UI test will skip"; \
+	else echo "make browser: not root and no sudo: chromium chromium-driver not installed; the UI test will skip"; fi
+
+ui-screenshots: venv browser  ## the README's MLflow UI screenshots (docs/images/ui_*.png) from the browser test
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/ui_screenshots.py
+
+test-slow: venv browser  ## only the slow tests (learning, random kills, tracking server, the UI in a browser)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m slow
 
-test-all: venv      ## every test, slow ones included
+test-all: venv browser  ## every test, slow ones included
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m ''
 
 demo: venv          ## the whole pipeline on generated bins, offline

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import SourceType
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.default_context import _get_user
+from mlflow.utils import mlflow_tags
+from mlflow.utils.git_utils import get_git_commit
 
 
 def str2bool(v: str | bool) -> bool:
@@ -74,12 +79,109 @@ def download_uri(uri: str, dst: str | Path | None = None) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
 
 
-def start_step(step: str, args: argparse.Namespace, **run_kwargs):
-    """Open (or join, under `mlflow run`) the step's run, tag it with the step and log all its parameters."""
+# MLflow's UI opens an experiment tagged with this kind on its training runs (untagged: the GenAI overview)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _num(v, fmt: str = "g") -> str:
+    """0.006 -> '0.006', 64.0 -> '64', '' -> ''; `fmt` '.3g' for 3 significant digits."""
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _run_label(uri: str) -> str:
+    """A model URI -> what it names: `runs:/<id>/model` -> that run's name, `models:/x/3` -> 'x/3'."""
+    if uri.startswith("runs:/"):
+        try:
+            return MlflowClient().get_run(uri[len("runs:/"):].split("/")[0]).info.run_name or uri
+        except mlflow.exceptions.MlflowException:
+            return uri
+    return uri.removeprefix("models:/")
+
+
+def run_name(step: str, params: dict) -> str:
+    """A step's parameters -> a run name saying what ran, e.g. 'train resnet18 64px lr=0.006'."""
+    p = {k: ("" if v is None else v) for k, v in params.items()}
+    model = f"{p.get('arch', '')} {_num(p.get('image_size', ''))}px"
+    if step == "train":
+        return f"train {model} lr={_num(p['lr'], '.3g') if p.get('lr', '') != '' else 'hpo best'}"
+    if step == "hpo":
+        return f"hpo {model} {_num(p.get('max_evals', ''))} trials"
+    if step == "main":
+        return f"main {p.get('source', '')} {model}"
+    if step == "ingest":
+        n = p.get("num_images") if p.get("source") == "synthetic" else (p.get("limit") or "all")
+        return f"ingest {p.get('source', '')} {_num(n)}"
+    if step == "split":
+        return "split " + "/".join(_num(p.get(f"{s}_frac", "")) for s in ("train", "val", "test"))
+    if step == "evaluate":
+        return f"evaluate {_run_label(str(p.get('model_uri', '')))}"
+    if step == "register":
+        return f"register {p.get('name', '')}" + (f" {_run_label('runs:/' + p['run_id'])}" if p.get("run_id") else "")
+    return step
+
+
+# A saved view of the runs table (MLflow's shared view: an experiment tag the UI opens with
+# ?viewStateShareKey=<key>): the columns to compare the step runs on. (Which rows are expanded is not part of a
+# shared view: main's step runs stay folded under its row until its `+` is clicked.)
+VIEW_KEY = "bincounter"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW = {"selectedColumns": ["attributes.`Dataset`", "metrics.`val_accuracy`", "metrics.`test_accuracy`",
+                            "metrics.`test_rmse`", "params.`hp_lr`", "params.`arch`", "params.`image_size`",
+                            "params.`epochs`"]}
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page of the experiment's runs in the model-training view with the saved view.
+
+    MLflow 3.17's UI opens in its GenAI view whatever the experiment's kind tag says (the choice is a global
+    toggle) unless the URL asks for `workflowType=machine_learning`."""
+    return (f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}")
+
+
+def _tag_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training (unless it has a kind) and give it the saved view (unless it has
+    one): what the UI needs to open on the step runs."""
+    client = MlflowClient()
+    tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if VIEW_TAG not in tags:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(VIEW))
+
+
+def start_step(step: str, args: argparse.Namespace, name: str | None = None, **run_kwargs):
+    """Open (or join, under `mlflow run`) the step's run, tag it with the step, log all its parameters and name
+    it (`name`, default `run_name(step, args)`); the experiment gets the model-training kind."""
     run = mlflow.start_run(**run_kwargs)
     mlflow.set_tag("bincounter.step", step)
+    _tag_experiment(run.info.experiment_id)
     params = {k: ("" if v is None else v) for k, v in vars(args).items()}
     existing = mlflow.get_run(run.info.run_id).data.params
     # `mlflow run` has logged the entry point's parameters already; MLflow refuses to change a logged value
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+    # under `mlflow run` the run has a random name (`upset-quail-56`) that says nothing of what ran
+    MlflowClient().update_run(run.info.run_id, name=name or run_name(step, params))
     return run
+
+
+def create_project_run(entry_point: str, experiment_id: str, project_dir: str | Path) -> str:
+    """Create the run that `mlflow run` would create for `entry_point` (child of the active run), without
+    logging its parameters -> run id, to hand to `mlflow.projects.run(run_id=...)`.
+
+    `mlflow run` logs each parameter as it goes into the shell command, quoted (an empty value as `''`, which the
+    UI shows); in a run created here the step's `start_step` logs them as parsed instead."""
+    tags = {mlflow_tags.MLFLOW_USER: _get_user(), mlflow_tags.MLFLOW_SOURCE_NAME: str(project_dir),
+            mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.PROJECT),
+            mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT: entry_point}
+    commit = get_git_commit(str(project_dir))
+    if commit:
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
+    parent = mlflow.active_run()
+    if parent:
+        tags[mlflow_tags.MLFLOW_PARENT_RUN_ID] = parent.info.run_id
+    return MlflowClient().create_run(experiment_id, tags=tags, run_name=entry_point).info.run_id

@@ -11,7 +11,7 @@ import mlflow
 from bincounter import metrics, serving
 from bincounter.manifest import read_manifest
 from bincounter.model import ARCHS, DECISIONS, input_config
-from bincounter.runs import csv_ints, download, finished_run, start_step, str2bool, whole
+from bincounter.runs import csv_ints, download, finished_run, run_name, start_step, str2bool, whole
 from bincounter.training import DATA_PATHS, MONITORS, TUNABLE, TrainConfig, train_run
 from bincounter.transforms import AUGMENTS
 
@@ -138,7 +138,7 @@ def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
 def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) -> str:
     """Open (or join: MLFLOW_RUN_ID) the train run, train, log curves and the model -> run id. What a local train
     step does after loading its data, and what a SageMaker job does on its channels' data."""
-    with start_step("train", args, log_system_metrics=True) as run:
+    with start_step("train", args, run_name("train", {**vars(args), "lr": cfg.lr}), log_system_metrics=True) as run:
         mlflow.log_params(effective_params(cfg))
         mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
         mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")

@@ -48,6 +48,7 @@ cat <<TXT
 
 Done. Next:
   mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI      # compare runs (experiment $EXPERIMENT), registry: bin-counter @champion
+    then open http://127.0.0.1:5000/#/experiments/$(python -c "import mlflow; print(mlflow.get_experiment_by_name('$EXPERIMENT').experiment_id)")/runs?workflowType=machine_learning&viewStateShareKey=bincounter
   mlflow models serve -m models:/bin-counter@champion --env-manager local -p $PORT
   bincounter predict photos/*.jpg --model models:/bin-counter@champion
 TXT

@@ -85,6 +85,7 @@ def main(args: argparse.Namespace) -> str:
         if args.decision:
             counter.decision = args.decision
         with start_step("evaluate", args) as run:
+            mlflow.log_input(mlflow.data.from_pandas(test, name="test"), context="testing")
             preds = score(counter, test, args.batch_size, args.workers)
             ok = preds[preds["error"].isna()]
             mlflow.log_metric("test_unreadable", len(preds) - len(ok))

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
 from bincounter.model import ARCHS
-from bincounter.runs import start_step, whole
+from bincounter.runs import create_project_run, start_step, whole
 from bincounter.training import MONITORS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,8 @@ def get_or_run(entry_point: str, parameters: dict, experiment_id: str) -> str:
         return found.info.run_id
     print(f"main: running {entry_point} with {parameters}")
     submitted = mlflow.projects.run(str(ROOT), entry_point=entry_point, parameters=parameters,
-                                    env_manager="local", experiment_id=experiment_id, synchronous=True)
+                                    env_manager="local", experiment_id=experiment_id, synchronous=True,
+                                    run_id=create_project_run(entry_point, experiment_id, ROOT))
     return submitted.run_id
 
 

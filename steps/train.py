@@ -18,7 +18,7 @@ import tempfile
 import mlflow
 
 from bincounter import trainer
-from bincounter.runs import finished_run, start_step
+from bincounter.runs import finished_run, run_name, start_step
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> str:
         from bincounter import sagemaker_jobs
 
         settings = trainer.sagemaker_settings(args).validate()  # before a run is opened and before any AWS call
-        with start_step("train", args) as run:
+        with start_step("train", args, run_name("train", {**vars(args), "lr": cfg.lr})) as run:
             mlflow.set_tag("bincounter.backend", "sagemaker")
             mlflow.log_params(trainer.effective_params(cfg))
             sagemaker_jobs.submit_and_wait(settings, trainer.job_params(args, cfg), run.info.run_id, classes,

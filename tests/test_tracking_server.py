@@ -1,27 +1,20 @@
 """The pipeline against a team's tracking server: mlflow server over PostgreSQL (scripts/tracking_server.sh)."""
-import json
 import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import ROOT, free_port, run_entry
+from conftest import ROOT, run_entry
+from tracking import api, free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))),
                                  reason="PostgreSQL is not installed (apt-get install postgresql)")]
 SCRIPT = ROOT / "scripts" / "tracking_server.sh"
-
-
-def api(base: str, path: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"}, method="POST" if body else "GET")
-    return json.load(urllib.request.urlopen(req, timeout=30))
 
 
 @pytest.fixture

@@ -1,0 +1,58 @@
+"""What the MLflow UI shows of a step run: its name, the experiment's kind and saved view, unquoted parameters."""
+import argparse
+import json
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from mlflow.utils import mlflow_tags
+
+from bincounter.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG, create_project_run, run_name,
+                             start_step, ui_url)
+from conftest import ROOT
+
+
+def test_run_names_say_what_ran():
+    common = dict(arch="resnet18", image_size=64, seed=42)
+    assert run_name("train", dict(common, lr=0.00612345)) == "train resnet18 64px lr=0.00612"
+    assert run_name("train", dict(common, lr="")) == "train resnet18 64px lr=hpo best"
+    assert run_name("hpo", dict(common, max_evals=8)) == "hpo resnet18 64px 8 trials"
+    assert run_name("main", dict(common, source="synthetic")) == "main synthetic resnet18 64px"
+    assert run_name("ingest", dict(source="synthetic", num_images=1500, limit=0)) == "ingest synthetic 1500"
+    assert run_name("ingest", dict(source="s3", num_images=1000, limit=0)) == "ingest s3 all"
+    assert run_name("split", dict(train_frac=0.6, val_frac=0.2, test_frac=0.2)) == "split 0.6/0.2/0.2"
+    assert run_name("evaluate", dict(model_uri="models:/bin-counter/3")) == "evaluate bin-counter/3"
+    assert run_name("deploy", {}) == "deploy"
+
+
+def test_start_step_names_the_run_and_tags_the_experiment_once(experiment):
+    args = argparse.Namespace(arch="resnet18", image_size=32, lr=0.01, hpo_run_id=None)
+    with start_step("train", args) as run:
+        pass
+    got = mlflow.get_run(run.info.run_id)
+    assert got.info.run_name == "train resnet18 32px lr=0.01"
+    assert got.data.params["hpo_run_id"] == ""
+    exp = MlflowClient().get_experiment(run.info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    view = json.loads(exp.tags[VIEW_TAG])
+    assert "metrics.`val_accuracy`" in view["selectedColumns"] and "metrics.`test_accuracy`" in view["selectedColumns"]
+    # a kind or view someone chose is kept
+    MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    with start_step("evaluate", argparse.Namespace(model_uri=f"runs:/{run.info.run_id}/model")) as ev:
+        pass
+    assert MlflowClient().get_experiment(exp.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert mlflow.get_run(ev.info.run_id).info.run_name == "evaluate train resnet18 32px lr=0.01"
+    assert ui_url("http://127.0.0.1:5000/", exp.experiment_id) == (
+        f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+        "?workflowType=machine_learning&viewStateShareKey=bincounter")
+
+
+def test_a_project_run_created_for_main_has_its_tags_and_no_parameters(experiment):
+    exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    with mlflow.start_run() as parent:
+        run_id = create_project_run("split", exp_id, ROOT)
+    run = mlflow.get_run(run_id)
+    assert run.data.tags[mlflow_tags.MLFLOW_PROJECT_ENTRY_POINT] == "split"
+    assert run.data.tags[mlflow_tags.MLFLOW_PARENT_RUN_ID] == parent.info.run_id
+    assert run.data.tags[mlflow_tags.MLFLOW_SOURCE_TYPE] == "PROJECT"
+    assert run.data.params == {}
+    MlflowClient().set_terminated(run_id)
