@@ -1,11 +1,12 @@
-"""hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer and freeze (bincounter.hpo.SEARCH_SPACE).
+"""hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer, freeze and the transfer levers
+freeze_epochs, backbone_lr, bn (bincounter.hpo.SEARCH_SPACE, narrowed by space_for).
 
 Reads: a FINISHED split run's `splits/train.csv` (a stratified `subset` of it per trial), `splits/val.csv` (the
 selection metric) and `classes`; never the test split.
 Logs: one nested child run per trial (params hp_* and plain names, per-epoch metrics; FAILED with tag
 `bincounter.failure_reason` when the trial fails), `search_space.json`, `trials.json` (after every trial),
-`trials.png`, params `best_lr`, `best_batch_size`, `best_weight_decay`, `best_optimizer`, `best_freeze` (what
-`train -P hpo_run_id=...` reads), metric `best_<metric>`, tag `best_run_id`.
+`trials.png`, params `best_<tunable>` for each of them (what `train -P hpo_run_id=...` reads, with `metric` as
+its monitor), metric `best_<metric>`, tag `best_run_id`. Each trial keeps its best epoch by `metric` too.
 Resume: rerun into the same run with the same parameters (`mlflow run . -e hpo --run-id <id> -P ...`); the
 finished trials are kept and only the remaining ones run.
 backend=sagemaker: each trial is a SageMaker training job (the train step's job, docs/sagemaker.md) that logs
