@@ -38,6 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_evals", type=whole, default=8, help="hpo trials; 0 skips hpo")
     p.add_argument("--hpo_epochs", type=whole, default=1)
     p.add_argument("--epochs", type=whole, default=10)
+    p.add_argument("--patience", type=whole, default=TrainConfig.patience, help="train's early stopping; 0 = never")
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--image_size", type=whole, default=224)
@@ -107,8 +108,8 @@ def main(args: argparse.Namespace) -> dict[str, str]:
                      workers=args.workers, seed=args.seed)
         hpo = step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs,
                                metric=args.monitor, **fixed)) if args.max_evals > 0 else ""
-        train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, monitor=args.monitor,
-                                   **fixed))
+        train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, patience=args.patience,
+                                   monitor=args.monitor, **fixed))
         step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split))
         step("register", dict(run_id=train, name=args.model_name))
         print("main: " + ", ".join(f"{k} {v}" for k, v in ids.items()))
