@@ -7,7 +7,7 @@ Training, each a full step (forward, backward, optimizer) on the same model and 
   tensor  the same loop fed by bincounter.tensor_cache: images decoded once into a uint8 cache (built before
           timing; its build time is reported), TrainPreset's augmentations applied to whole batches on the device.
 Inference: the pyfunc's code path (BinCounter.probabilities: parallel decode, one forward per chunk) on JPEG bytes
-against a bare `model(x)` forward. Prints a table and writes bench/results/train.json.
+against bare `model(x)` forwards of the same chunks as ready tensors. Prints a table and writes bench/results/train.json.
 
     python bench/train.py --arch resnet50 --image_size 224 --batch_size 8 --steps 4
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bincounter import synthetic, tensor_cache  # noqa: E402
 from bincounter.data import ManifestDataset, make_loader  # noqa: E402
-from bincounter.serving import BinCounter  # noqa: E402
+from bincounter.serving import MAX_BATCH, BinCounter  # noqa: E402
 from bincounter.model import build_model, get_arch  # noqa: E402
 from bincounter.training import make_optimizer, setup_device, train_one_epoch, TrainConfig  # noqa: E402
 from bincounter.transforms import TrainPreset  # noqa: E402
@@ -109,12 +109,19 @@ def main(args):
         def infer_pyfunc():
             counter.probabilities(jpegs)
 
+        # the same forward the pyfunc makes (its chunks of up to serving.MAX_BATCH images), on ready tensors: what
+        # is left between the two is decoding, preprocessing and the pyfunc's own work
+        chunks = [torch.randn(len(c), 3, args.image_size, args.image_size, device=device)
+                  for c in (range(s, min(s + MAX_BATCH, n)) for s in range(0, n, MAX_BATCH))]
+        if amp:
+            chunks = [c.to(memory_format=torch.channels_last) for c in chunks]
+
         @torch.inference_mode()
         def infer_bare():
             model.eval()
-            for _ in range(args.steps):
+            for c in chunks:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    model(x).float().softmax(1).cpu()
+                    model(c).float().softmax(1).cpu()
 
         train_bare()  # warm-up: allocator, kernels, first-touch, the decoding threads
         train_tensor()
