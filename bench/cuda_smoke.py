@@ -6,7 +6,6 @@ cache's batch augmentation on CUDA equal to its CPU kernels for the same draws, 
 """
 from __future__ import annotations
 
-import io
 import sys
 import tempfile
 import time

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import sys
 import tarfile
 import time
 from dataclasses import dataclass, field

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, kill_env, last_run, run_entry
+from conftest import kill_env, last_run, run_entry
 from helpers_data import make_split_run
 
 TINY = dict(arch="resnet18", weights="none", image_size=32, epochs=2, max_steps=2, workers=0, batch_size=8)
