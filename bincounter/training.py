@@ -1,6 +1,8 @@
-"""The fit loop: one epoch of training, evaluation, checkpoints with resume, early stopping.
+"""The fit loop: one epoch of training, evaluation, checkpoints with resume, early stopping on `monitor`.
 
-`train_run` is what both the train step and each hpo trial call: it logs into the active MLflow run.
+`train_run` is what both the train step and each hpo trial call: it logs into the active MLflow run. It runs in
+phases, as torchvision's reference training does: `setup` (model, optimizer, data -> a `Fit`), `restore` (from
+the run's checkpoint), `wrap_distributed`, `train_epochs`, `finish` (the best epoch's model).
 Distributed data parallel: started under torchrun (WORLD_SIZE > 1, e.g. a SageMaker job on several instances)
 `train_run` joins the process group (nccl on GPUs, gloo on CPUs), each process trains on its DistributedSampler
 share, and only rank 0 logs to MLflow and writes checkpoints.
@@ -27,8 +29,8 @@ from tqdm import tqdm
 from bincounter import metrics
 from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
-from bincounter.tensor_cache import TensorCache, TrainBatches, open_cache
 from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities
+from bincounter.tensor_cache import TensorCache, TrainBatches, open_cache
 from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
 
 CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
