@@ -209,9 +209,12 @@ def set_train_mode(net: nn.Module, cfg: TrainConfig, epoch: int) -> None:
             p.requires_grad = not head_only or is_head(cfg.arch, name)
     head = get_arch(cfg.arch).head
     for name, m in net.named_modules():
-        if name == head or name.startswith(head + ".") or any(m.children()):
-            continue  # leaves only: eval() on a parent would reach into the head
-        if head_only or (cfg.bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        if name == head or name.startswith(head + "."):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # timm's BatchNormAct2d too (it has children)
+            if head_only or cfg.bn == "frozen":
+                m.eval()
+        elif head_only and not any(m.children()):  # leaves only: eval() on a parent would reach into the head
             m.eval()
 
 

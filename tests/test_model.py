@@ -176,6 +176,21 @@ def test_frozen_batchnorm_keeps_the_pretrained_statistics_while_the_rest_learns(
     assert changed(start, moved, stats)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_train_mode_reaches_every_batchnorm_of_every_architecture(arch):
+    """bn=frozen and head-first epochs put every BatchNorm in eval mode, timm's BatchNormAct2d (a BatchNorm with
+    children) included; the head keeps training; without them everything trains."""
+    model = build_model(arch, 5)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    head = getattr(model, get_arch(arch).head)
+    for kw, epoch, frozen in ((dict(bn="frozen"), 3, True), (dict(freeze_epochs=1), 1, True),
+                              (dict(freeze_epochs=1), 2, False), ({}, 1, False)):
+        cfg = TrainConfig(arch=arch, weights="imagenet", epochs=4, **kw)  # not validated: nothing is loaded
+        set_train_mode(model, cfg, epoch)
+        assert bns and all(m.training is not frozen for m in bns), (kw, epoch)
+        assert head.training
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(freeze_epochs=2), "freeze_epochs must be >= 0 and below epochs"),
     (dict(backbone_lr=0.0), r"backbone_lr must be in \(0, 1\]"),
