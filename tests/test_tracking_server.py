@@ -19,6 +19,7 @@ SCRIPT = ROOT / "scripts" / "tracking_server.sh"
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
+    previous = mlflow.get_tracking_uri()  # restored after: the next test's fixtures log to the session store
     port = free_port()
     d = tmp_path / "tracking"
     out = subprocess.run([str(SCRIPT), "start", str(d), str(port)], capture_output=True, text=True, timeout=300,
@@ -33,7 +34,7 @@ def server(tmp_path, monkeypatch):
     mlflow.set_experiment("team")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     yield uri
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    mlflow.set_tracking_uri(previous)
     subprocess.run([str(SCRIPT), "stop", str(d)], timeout=120)
 
 
