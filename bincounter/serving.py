@@ -1,7 +1,10 @@
 """The served model: an MLflow pyfunc (models-from-code) that turns image bytes into counts.
 
-Input: a DataFrame with a binary column `image` (JPEG/PNG bytes; base64 text is accepted too, for
-`inputs`/`instances` requests). Output per image: `count`, `confidence` and `p_<count>` for every count.
+Contract: a row per image with `count`, `confidence`, `p_<count>` (null where the image is bad) and `error` (null where good); only a request malformed as a whole, or with no readable image, is refused (400).
+
+Input: a DataFrame with a column `image` of JPEG/PNG bytes or their base64 text (the signature types it `any`,
+so that MLflow's server hands the text over undecoded and text that is not base64 is an error of its own row,
+not of the request). Output dtypes survive nulls (Int64, Float64, string): JSON `null`, Spark nulls.
 The artifact holds only a state dict (`weights.pt`, loaded with weights_only=True) and `model_config.json`;
 the code is this package, shipped with the model through `code_paths`.
 """
@@ -24,6 +27,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 
 from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, decide, get_arch, probabilities
 from bincounter.transforms import EvalPreset, ImageError, decode_image
@@ -36,19 +40,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _as_bytes(value, i: int) -> bytes:
+    """One `image` cell -> image bytes. Raises ImageError naming row `i`."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        # `inputs`/`instances` requests deliver the base64 text undecoded, as bytes; image files always hold
-        # bytes outside the base64 alphabet (JPEG/PNG signatures), so valid base64 can only be such text
+        # base64 text may come as bytes; image files always hold bytes outside the base64 alphabet (JPEG/PNG
+        # signatures), so valid base64 can only be such text
         try:
             return base64.b64decode(bytes(value), validate=True)
         except (binascii.Error, ValueError):
             return bytes(value)
     if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError(f"row {i}: text that is not base64") from None
-    raise ImageError(f"row {i}: expected image bytes, got {type(value).__name__}")
+        try:  # MLflow's own encoder wraps base64 lines at 76 characters
+            return base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageError(f"row {i}: text that is not base64 ({len(value)} characters; {e})",
+                             "not_an_image") from None
+    raise ImageError(f"row {i}: expected image bytes or base64 text, got {type(value).__name__}", "not_an_image")
 
 
 class BinCounter:
@@ -141,7 +147,7 @@ class BinCounter:
 
 
 class BinCounterModel(PythonModel):
-    """The pyfunc wrapper: a request with any bad image is refused as a whole with a 400 naming the row."""
+    """The pyfunc wrapper: per-row answers (see the contract at the top); a bad image costs only its own row."""
 
     def load_context(self, context):
         self.counter = BinCounter.from_dir(Path(context.artifacts["model_dir"]))
@@ -151,23 +157,47 @@ class BinCounterModel(PythonModel):
             cols = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise MlflowException(f"expected a column {INPUT_COLUMN!r} of image bytes, got {cols}",
                                   error_code=INVALID_PARAMETER_VALUE)
-        if len(model_input) == 0:
+        cells = model_input[INPUT_COLUMN]
+        if len(cells) == 1 and isinstance(cells.iloc[0], (list, np.ndarray)):
+            cells = list(cells.iloc[0])  # MLflow makes `{"inputs": {"image": [...]}}` one row holding the list
+        if len(cells) == 0:
             raise MlflowException("no images in the request", error_code=INVALID_PARAMETER_VALUE)
-        try:
-            images = [_as_bytes(v, i) for i, v in enumerate(model_input[INPUT_COLUMN])]
-        except ImageError as e:
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        probs, errors = self.counter.probabilities(images)
+        images, errors = [], []
+        for i, v in enumerate(cells):
+            try:
+                images.append(_as_bytes(v, i))
+                errors.append(None)
+            except ImageError as e:
+                images.append(b"")  # decodes to an error of its own, overridden by this one below
+                errors.append(str(e))
+        probs, decode_errors = self.counter.probabilities(images)
+        errors = [e or d for e, d in zip(errors, decode_errors)]
         bad = [e for e in errors if e]
-        if bad:
-            raise MlflowException(f"{len(bad)} of {len(images)} images refused: " + "; ".join(bad[:5]),
+        if len(bad) == len(images):
+            raise MlflowException(f"none of the {len(images)} images could be read: " + "; ".join(bad[:5])
+                                  + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""),
                                   error_code=INVALID_PARAMETER_VALUE)
-        return self.counter.table(probs)
+        return rows(self.counter.table(probs), errors)
+
+
+def rows(table: pd.DataFrame, errors: list[str | None]) -> pd.DataFrame:
+    """BinCounter.table's output and one error or None per row -> the served rows: count (Int64), confidence
+    and p_<c> (Float64) null where the row has an error, and the `error` column (string)."""
+    bad = pd.Series([e is not None for e in errors], index=table.index)
+    out = table.copy()
+    out["count"] = out["count"].astype("Int64").mask(bad)
+    for c in ["confidence", *[c for c in out.columns if c.startswith("p_")]]:
+        out[c] = out[c].astype("Float64").mask(bad)
+    out["error"] = pd.array(errors, dtype="string")
+    return out
 
 
 def signature(classes: list[int]) -> ModelSignature:
-    out = [ColSpec("long", "count"), ColSpec("double", "confidence")] + [ColSpec("double", f"p_{c}") for c in classes]
-    return ModelSignature(inputs=Schema([ColSpec("binary", INPUT_COLUMN)]), outputs=Schema(out))
+    """In: `image` (any: bytes or base64 text, see the module docstring). Out: the per-row contract; `count` and
+    the probabilities are optional (null for a bad image), as is `error` (null for a good one)."""
+    out = [ColSpec("long", "count", required=False), ColSpec("double", "confidence", required=False),
+           *[ColSpec("double", f"p_{c}", required=False) for c in classes], ColSpec("string", "error", required=False)]
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), INPUT_COLUMN)]), outputs=Schema(out))
 
 
 def log_model(model: torch.nn.Module, config: dict, example_image: bytes, name: str = "model", **kwargs):

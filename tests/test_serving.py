@@ -18,10 +18,12 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import free_port
-from helpers_model import CLASSES, build_tiny_model
+from helpers_model import CLASSES, build_tiny_model, tiny_model  # noqa: F401 (fixture)
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bincounter import serving
@@ -203,3 +205,67 @@ def test_batched_inference_equals_one_image_at_a_time_and_keeps_bad_rows_apart(m
         for i in (0, 1, 3, 4, 5, 6, 9, 10):
             alone = probabilities(counter.model, EvalPreset(32, IMAGENET_MEAN, IMAGENET_STD)(decode_image(images[i]))[None])[0].numpy()
             assert probs[i] == pytest.approx(alone, abs=1e-5), i
+
+
+def five_bad(jpeg: bytes) -> list[bytes]:
+    """The issue's five bad images: empty, text, a truncated JPEG, a fake PNG header; and bytes of no format."""
+    return [b"", b"a text file, not a photo", jpeg[: len(jpeg) // 2], b"\x89PNG\r\n\x1a\n" + bytes(40), b"\x00" * 64]
+
+
+def test_a_served_batch_with_bad_images_answers_every_row(server):
+    """50 images, 5 bad, through `mlflow models serve`: 200, 45 counts, 5 errors in their own rows, JSON nulls."""
+    url, tiny = server
+    good = good_images(tiny, 10)
+    images = [good[i % 10] for i in range(45)]
+    bad_at = [3, 11, 20, 37, 49]
+    for k, i in enumerate(bad_at):
+        images.insert(i, five_bad(good[0])[k])
+    status, out = post(url, split_request(images))
+    assert status == 200, out
+    preds = out["predictions"]
+    assert len(preds) == 50
+    assert [i for i, p in enumerate(preds) if p["error"] is not None] == bad_at
+    assert all(preds[i]["count"] is None and preds[i]["confidence"] is None and preds[i]["p_1"] is None for i in bad_at)
+    assert all(p["count"] in CLASSES and p["error"] is None for i, p in enumerate(preds) if i not in bad_at)
+    assert preds[3]["error"].startswith("row 3: empty") and "row 11: not an image" in preds[11]["error"]
+    assert "row 20: JPEG 64x64 does not decode" in preds[20]["error"] and "truncated" in preds[20]["error"]
+    assert preds[37]["error"].startswith("row 37: not an image (48 bytes starting b'\\x89PNG")
+    _, alone = post(url, split_request(images[:1]))  # a good row counts as it does alone
+    assert preds[0] == pytest.approx(alone["predictions"][0], abs=1e-5)
+
+
+def test_text_that_is_not_base64_is_an_error_of_its_own_row(server):
+    url, tiny = server
+    good = base64.b64encode(good_images(tiny, 1)[0]).decode()
+    status, out = post(url, {"dataframe_split": {"columns": ["image"], "data": [[good], ["not-base64!"], [good]]}})
+    assert status == 200, out
+    assert [p["error"] for p in out["predictions"]][::2] == [None, None]
+    assert out["predictions"][1]["error"].startswith("row 1: text that is not base64")
+
+
+def test_the_pyfunc_answers_per_row_with_dtypes_that_hold_nulls(tiny_model):
+    """In-process, as spark_udf calls it: a DataFrame of bytes and base64 text in, nullable columns out."""
+    model = mlflow.pyfunc.load_model(tiny_model.model_uri)
+    good = good_images(tiny_model, 2)
+    cells = [good[0], base64.b64encode(good[1]).decode(), b"", "@@@@", 7, base64.b64encode(good[0])]
+    out = model.predict(pd.DataFrame({"image": cells}))
+    assert len(out) == 6 and list(out.columns[:2]) == ["count", "confidence"] and out.columns[-1] == "error"
+    assert {f"p_{c}" for c in CLASSES} <= set(out.columns)
+    assert str(out["count"].dtype) == "Int64" and str(out["confidence"].dtype) == "Float64"
+    assert str(out["error"].dtype) == "string"
+    ok = out["error"].isna().to_numpy()
+    assert ok.tolist() == [True, True, False, False, False, True]
+    assert out["count"].isna().to_numpy().tolist() == (~ok).tolist()
+    assert out.loc[~ok, [f"p_{c}" for c in CLASSES]].isna().all().all()
+    assert out["error"][2].startswith("row 2: empty") and out["error"][3].startswith("row 3: text that is not base64")
+    assert out["error"][4] == "row 4: expected image bytes or base64 text, got int"
+    assert out["count"][5] == out["count"][0] and out["confidence"][5] == pytest.approx(out["confidence"][0])
+
+    with pytest.raises(MlflowException, match=r"none of the 2 images could be read: row 0: empty .*; row 1: not an"):
+        model.predict(pd.DataFrame({"image": [b"", b"text"]}))
+
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["image"]
+    outputs = {c["name"]: c for c in sig.outputs.to_dict()}
+    assert outputs["error"] == {"name": "error", "type": "string", "required": False}
+    assert outputs["count"] == {"name": "count", "type": "long", "required": False}
