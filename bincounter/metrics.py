@@ -112,3 +112,38 @@ def plot_samples(paths: list[str], captions: list[str], colors: list[str], cols:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_reliability(raw: list[dict], calibrated: list[dict] | None = None, title: str = "test"):
+    """Reliability diagram: per confidence bin (calibration.reliability rows), the accuracy of the most likely
+    count against its mean confidence, before and after calibration; the diagonal is a perfectly honest model."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="honest")
+    for rows, label, marker in ((raw, "raw", "o"), (calibrated, "calibrated", "s")):
+        if rows:
+            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the most likely count")
+    ax.set_ylabel("share right")
+    ax.set_title(f"Reliability ({title})")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_coverage(coverage, accuracy, review_coverage: float | None = None, title: str = "test"):
+    """Accuracy of the k most confident counts against the share k/N they cover; a dotted line marks the share
+    the model's review threshold keeps."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.plot(coverage, accuracy)
+    if review_coverage is not None:
+        ax.axvline(review_coverage, color="grey", linestyle=":", label="not flagged for review")
+        ax.legend()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("share of bins counted (most confident first)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Coverage and accuracy ({title})")
+    fig.tight_layout()
+    return fig

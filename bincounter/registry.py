@@ -40,11 +40,13 @@ CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 HISTORY_MAX = 100  # registered-model tag values are bounded (5000 chars); old entries are dropped
 STAGES = ("", "None", "Staging", "Production", "Archived")
-_LOWER_IS_BETTER = ("rmse", "mae", "mse", "loss", "error", "unreadable")
+_LOWER_IS_BETTER = ("rmse", "mae", "mse", "loss", "error", "unreadable", "ece", "nll", "brier", "false_alarm",
+                    "review_rate")
 
 
 def lower_is_better(metric: str) -> bool:
-    """rmse/mae/loss-like metrics are minimised, accuracy-like ones maximised."""
+    """rmse/mae/loss-like metrics and calibration errors (ece, nll, brier) are minimised; accuracy-like ones and
+    the check's AUC maximised."""
     return any(metric.endswith(s) for s in _LOWER_IS_BETTER)
 
 

@@ -36,6 +36,17 @@ def whole(v: str) -> int:
     return int(f)
 
 
+def fraction(v: str) -> float:
+    """'0.9' -> 0.9, a number in (0, 1]; a clear argparse error otherwise."""
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}")
+    return f
+
+
 def csv_ints(v: str) -> list[int]:
     """'1,2,3' -> [1, 2, 3]; a clear argparse error otherwise."""
     try:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import mlflow
 
-from bincounter import metrics, serving
+from bincounter import calibration, metrics, serving
 from bincounter.manifest import read_manifest
-from bincounter.model import ARCHS, DECISIONS, input_config
-from bincounter.runs import csv_ints, download, finished_run, run_name, start_step, str2bool, whole
+from bincounter.model import ARCHS, DECISIONS, decide, input_config
+from bincounter.runs import csv_ints, download, finished_run, fraction, run_name, start_step, str2bool, whole
 from bincounter.training import DATA_PATHS, MONITORS, TUNABLE, TrainConfig, train_run
 from bincounter.transforms import AUGMENTS
 
@@ -30,6 +30,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="pil: decode and augment each image in the loader; tensor: decode once into a uint8 cache, "
                         "augment batches on the device (for GPUs)")
     p.add_argument("--seed", type=whole, default=TrainConfig.seed, help="seeds weights, order, augmentation (and hpo's draws)")
+
+
+def add_lever_options(p: argparse.ArgumentParser) -> None:
+    """The levers for few training images: train declares them, hpo trains every trial with them."""
+    g = p.add_argument_group("levers for few training images (README: learning from few real bins)")
+    g.add_argument("--ordinal_weight", type=float, default=TrainConfig.ordinal_weight,
+                   help="weight of the squared count error beside cross-entropy; 0 = cross-entropy only")
+    g.add_argument("--label_smoothing", type=float, default=TrainConfig.label_smoothing)
+    g.add_argument("--balanced", type=str2bool, default=TrainConfig.balanced,
+                   help="draw every count equally often instead of shuffling")
+    g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS))
+    g.add_argument("--warmup_epochs", type=whole, default=TrainConfig.warmup_epochs,
+                   help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
+                   help="the model also looks at the mirror image (validation, evaluate, serving)")
+    g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
+                   help="probabilities -> count: the most likely count, or the median of the distribution")
 
 
 def add_sagemaker_options(p: argparse.ArgumentParser) -> None:
@@ -62,19 +79,14 @@ def get_args_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--monitor", default="", help=f"what early stopping and the kept epoch follow, one of "
                    f"{', '.join(MONITORS)}; default: the hpo run's metric, else {TrainConfig.monitor}")
     p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
-    g = p.add_argument_group("levers for few training images (README: learning from few real bins)")
-    g.add_argument("--ordinal_weight", type=float, default=TrainConfig.ordinal_weight,
-                   help="weight of the squared count error beside cross-entropy; 0 = cross-entropy only")
-    g.add_argument("--label_smoothing", type=float, default=TrainConfig.label_smoothing)
-    g.add_argument("--balanced", type=str2bool, default=TrainConfig.balanced,
-                   help="draw every count equally often instead of shuffling")
-    g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS))
-    g.add_argument("--warmup_epochs", type=whole, default=TrainConfig.warmup_epochs,
-                   help="linear learning-rate warm-up before the cosine decay")
-    g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
-                   help="the model also looks at the mirror image (validation, evaluate, serving)")
-    g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
-                   help="probabilities -> count: the most likely count, or the median of the distribution")
+    add_lever_options(p)
+    g = p.add_argument_group("how far to trust the model (fitted on the validation split after training)")
+    g.add_argument("--calibrate", type=str2bool, default=True,
+                   help="fit a temperature to the validation split so probabilities mean what they say")
+    g.add_argument("--target_accuracy", type=fraction, default=calibration.TARGET_ACCURACY,
+                   help="review flag: the counts not flagged should be right this often (on validation)")
+    g.add_argument("--target_catch", type=fraction, default=calibration.TARGET_CATCH,
+                   help="inventory check: flag this share of the records off by two or more (on validation)")
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
     add_sagemaker_options(p)
@@ -87,7 +99,7 @@ SAGEMAKER_OPTS = ("backend", "image_uri", "instance_type", "instance_count", "ro
 
 
 _PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool,
-          "freeze_epochs": whole, "backbone_lr": float, "bn": str}
+          "freeze_epochs": whole, "backbone_lr": float, "bn": str, "trainable_blocks": whole}
 
 
 def hparams(args: argparse.Namespace, hpo_params: dict[str, str] | None = None) -> dict:
@@ -128,11 +140,37 @@ def effective_params(cfg: TrainConfig) -> dict:
     return {**{f"hp_{k}": getattr(cfg, k) for k in TUNABLE}, "hp_monitor": cfg.monitor}
 
 
-def log_trained_model(result: dict, cfg: TrainConfig, example_path: str):
-    """Log the best model as the pyfunc `model` with a real image as its input example."""
+def log_trained_model(result: dict, cfg: TrainConfig, example_path: str, trust: calibration.Trust | None = None):
+    """Log the best model as the pyfunc `model` with a real image as its input example; its config carries the
+    input settings, the decision rule and what `trust` fitted (temperature, review and check thresholds; none:
+    the model loads with calibration's defaults, as models logged before calibration do)."""
     config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, **input_config(cfg.arch),
-              "tta": cfg.tta, "decision": cfg.decision, "monitor": cfg.monitor, "best_epoch": result["best_epoch"]}
+              "tta": cfg.tta, "decision": cfg.decision, "monitor": cfg.monitor, "best_epoch": result["best_epoch"],
+              **(trust.config() if trust else {})}
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
+
+
+def fit_trust(result: dict, cfg: TrainConfig, args: argparse.Namespace) -> calibration.Trust:
+    """The trained model's validation probabilities -> its Trust, logged: metric `temperature`, `val_ece` and
+    `val_nll` before (`_raw`) and after calibration, the thresholds and what they promise (`trust_*`), a tag
+    `bincounter.calibration` when the defaults were kept, and the validation reliability diagram."""
+    probs, y = result["val_probs"], result["val_labels"]
+    trust = calibration.fit(probs, y, cfg.classes, lambda p: decide(p, cfg.decision), args.calibrate,
+                            args.target_accuracy, args.target_catch)
+    cal = calibration.apply_temperature(probs, trust.temperature)
+    mlflow.log_metrics({"temperature": trust.temperature, "review_confidence": trust.review_confidence,
+                        "check_threshold": trust.check_threshold,
+                        "val_ece_raw": calibration.ece(probs, y), "val_ece": calibration.ece(cal, y),
+                        "val_nll_raw": calibration.nll(probs, y), "val_nll": calibration.nll(cal, y),
+                        **{f"trust_{k}": v for k, v in trust.promise.items() if isinstance(v, float)}})
+    mlflow.log_figure(metrics.plot_reliability(calibration.reliability(probs, y), calibration.reliability(cal, y),
+                                               "validation"), "reliability_val.png")
+    if trust.note:
+        mlflow.set_tag("bincounter.calibration", trust.note)
+        print(f"train: {trust.note}")
+    print(f"train: temperature {trust.temperature:.3f}; {calibration.describe_review(trust)} "
+          f"{calibration.describe_check(trust, trust.check_threshold)}")
+    return trust
 
 
 def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) -> str:
@@ -142,9 +180,9 @@ def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) ->
         mlflow.log_params(effective_params(cfg))
         mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
         mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
-        result = train_run(cfg, train_df, val_df, resume=args.resume)
+        result = train_run(cfg, train_df, val_df, resume=args.resume, val_predictions=True)
         mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
-        log_trained_model(result, cfg, val_df["path"].iloc[0])
+        log_trained_model(result, cfg, val_df["path"].iloc[0], fit_trust(result, cfg, args))
         print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']} by {cfg.monitor}, "
               f"val_accuracy {result['best']['val_accuracy']:.3f}, val_rmse {result['best']['val_rmse']:.3f}")
         return run.info.run_id

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from bincounter import metrics
 from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
-from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities
+from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities, trains
 from bincounter.tensor_cache import TensorCache, TrainBatches, open_cache
 from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
 
@@ -78,10 +78,12 @@ class TrainConfig:
     # no effect beside freeze=True (the head alone all along), so that hpo can draw both
     backbone_lr: float = 1.0  # the backbone's learning rate as a fraction of the head's (`lr`)
     bn: str = "batch"  # batch: BatchNorm learns the bins' statistics; frozen: keeps the pretrained ones
+    trainable_blocks: int = 0  # train only the last N of the arch's blocks (model.Arch.blocks) and the head; 0 = all
     classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
     def validate(self) -> "TrainConfig":
         pretrained = self.weights != "none"
+        blocks = len(ARCHS[self.arch].blocks) if self.arch in ARCHS else 0
         checks = [
             (self.arch in ARCHS, f"arch {self.arch!r} is not one of {', '.join(ARCHS)}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
@@ -106,10 +108,12 @@ class TrainConfig:
             (0 < self.backbone_lr <= 1 and math.isfinite(self.backbone_lr),
              f"backbone_lr must be in (0, 1] (a fraction of lr), got {self.backbone_lr}"),
             (self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}"),
+            (0 <= self.trainable_blocks <= blocks, f"trainable_blocks must be in 0..{blocks} for {self.arch} (0 = "
+             f"all; 1..{blocks}: the last N of its {blocks} blocks), got {self.trainable_blocks}"),
             (self.data_path in DATA_PATHS, f"data_path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
-            (pretrained or (self.freeze_epochs == 0 and self.bn == "batch"),
-             "freeze_epochs and bn=frozen need pretrained weights (a random backbone has nothing to keep); "
-             "got weights=none"),
+            (pretrained or (self.freeze_epochs == 0 and self.bn == "batch" and self.trainable_blocks == 0),
+             "freeze_epochs, bn=frozen and trainable_blocks need pretrained weights (a random backbone has nothing "
+             "to keep); got weights=none"),
             (self.weights in ("imagenet", "none") or self.weights.startswith(("runs:/", "models:/"))
              or Path(self.weights).is_file(),
              f"weights {self.weights!r} is not imagenet, none, a model URI or an existing file"),
@@ -120,7 +124,8 @@ class TrainConfig:
         return self
 
 
-TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze", "freeze_epochs", "backbone_lr", "bn")
+TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze", "freeze_epochs", "backbone_lr", "bn",
+           "trainable_blocks")
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -183,10 +188,11 @@ def balanced_sampler(labels: list[int], seed: int) -> WeightedRandomSampler:
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer over two groups: the head at `lr`, the backbone at `lr` x `backbone_lr` (the head is
-    group 0, whose rate the metrics log). Parameters frozen for good (`freeze`) are left out."""
+    group 0, whose rate the metrics log). Parameters frozen for good (`freeze`, blocks before the last
+    `trainable_blocks`) are left out."""
     head, backbone = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and trains(cfg.arch, name, cfg.trainable_blocks):
             (head if is_head(cfg.arch, name) else backbone).append(p)
     groups = [{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr * cfg.backbone_lr}]
     groups = [g for g in groups if g["params"]]
@@ -201,20 +207,23 @@ def set_train_mode(net: nn.Module, cfg: TrainConfig, epoch: int) -> None:
     """Training mode for (1-based) `epoch`: during the first `freeze_epochs` only the head learns (the backbone
     takes no gradients and stays in eval mode, so its BatchNorm statistics stay the pretrained ones);
     `bn=frozen` keeps every BatchNorm layer's statistics all along (eval mode; its scale and shift still
-    learn). With `freeze` the backbone never learns (build_model froze it) and stays in eval mode."""
+    learn). With `freeze` the backbone never learns (build_model froze it) and stays in eval mode.
+    `trainable_blocks`: the blocks before the last N (and the stem) never learn and stay in eval mode like a
+    frozen backbone; taking no gradients, they also cost no backward pass."""
     net.train()
     head_only = cfg.freeze or epoch <= cfg.freeze_epochs
-    if cfg.freeze_epochs and not cfg.freeze:
+    if not cfg.freeze:
         for name, p in net.named_parameters():
-            p.requires_grad = not head_only or is_head(cfg.arch, name)
+            p.requires_grad = is_head(cfg.arch, name) or (not head_only and trains(cfg.arch, name, cfg.trainable_blocks))
     head = get_arch(cfg.arch).head
     for name, m in net.named_modules():
         if name == head or name.startswith(head + "."):
             continue
+        frozen = head_only or not trains(cfg.arch, name, cfg.trainable_blocks)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):  # timm's BatchNormAct2d too (it has children)
-            if head_only or cfg.bn == "frozen":
+            if frozen or cfg.bn == "frozen":
                 m.eval()
-        elif head_only and not any(m.children()):  # leaves only: eval() on a parent would reach into the head
+        elif frozen and not any(m.children()):  # leaves only: eval() on a parent would reach into the head
             m.eval()
 
 
@@ -495,26 +504,31 @@ def train_epochs(fit: Fit) -> None:
             fit.ckpt.save(fit.state())
 
 
-def finish(fit: Fit) -> dict:
-    """The best epoch's model (eval mode, CPU) and its figures; rank 0 logs `best_epoch` and `best_val_*`."""
+def finish(fit: Fit, val_predictions: bool = False) -> dict:
+    """The best epoch's model (eval mode, CPU) and its figures; rank 0 logs `best_epoch` and `best_val_*`. With
+    `val_predictions` also that model's validation probabilities and true class indices (`val_probs`,
+    `val_labels`: what calibration is fitted on), from one more pass over the validation split on the device."""
+    fit.net.load_state_dict(fit.best)
+    out = {}
+    if val_predictions and fit.lead:
+        out["val_probs"], out["val_labels"] = predict(fit.net, fit.val_loader, fit.device, fit.cfg.tta)
     final = copy.deepcopy(fit.net).cpu()
-    final.load_state_dict(fit.best)
     final.eval()
     best_row = next(r for r in fit.history if r["epoch"] == fit.best_epoch)
     if fit.lead:
         mlflow.log_metrics({"best_epoch": fit.best_epoch,
                             **{f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}})
-    return {"model": final, "best_epoch": fit.best_epoch, "history": fit.history, "best": best_row}
+    return {"model": final, "best_epoch": fit.best_epoch, "history": fit.history, "best": best_row, **out}
 
 
 def train_run(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, resume: bool = True,
-              checkpoint: bool = True) -> dict:
+              checkpoint: bool = True, val_predictions: bool = False) -> dict:
     """Train in the active MLflow run: logs per-epoch metrics (step=epoch), resumes from the run's checkpoint
     when it has one. -> {"model": best model by `cfg.monitor` (eval mode, CPU), "best_epoch", "history", "best":
-    that epoch's metrics}. Distributed (see the module's doc): ranks other than 0 need no active run and log
-    nothing."""
+    that epoch's metrics, and with `val_predictions` "val_probs", "val_labels" (see finish)}. Distributed (see
+    the module's doc): ranks other than 0 need no active run and log nothing."""
     fit = setup(cfg, train_df, val_df, checkpoint)
     restore(fit, resume)
     wrap_distributed(fit)
     train_epochs(fit)
-    return finish(fit)
+    return finish(fit, val_predictions)

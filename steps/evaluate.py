@@ -3,8 +3,13 @@
 Reads: `model_uri` (runs:/ or models:/), and `split_run_id` (its `splits/test.csv`; the majority baseline comes
 from its train split) or `manifest` (a runs:/.../manifest.csv URI or a file; the baseline is its own majority).
 Logs: `test_accuracy`, `test_rmse`, `test_mae`, `test_within1_accuracy`, `baseline_*` beside them,
-`test_unreadable`, `per_count.csv`, `confusion_matrix.png`, `samples.png`, `predictions.csv`.
-`tta` and `decision` override the model's own settings: several ways of answering scored on one model.
+`test_unreadable`, `per_count.csv`, `confusion_matrix.png`, `samples.png`, `predictions.csv`; how far to trust
+the model: `test_ece`, `test_nll`, `test_brier`, `test_selective_accuracy_{25,50}`, the inventory check as a
+detector (`test_check_auc`, `test_check_auc_off2`, `test_check_catch`, `test_check_catch_off2`,
+`test_check_false_alarm` at the model's threshold), `test_review_rate`, `test_unflagged_accuracy`,
+`reliability.png`, `coverage.png`.
+`tta`, `decision` and `calibrated` override the model's own settings: several ways of answering scored on one
+model.
 """
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ import mlflow
 import pandas as pd
 from tqdm import tqdm
 
-from bincounter import metrics, serving
+from bincounter import calibration, metrics, serving
 from bincounter.manifest import read_manifest, write_csv
 from bincounter.model import DECISIONS
-from bincounter.runs import download, download_uri, finished_run, start_step, whole
+from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="empty: as the model was trained; true/false: with or without test-time augmentation")
     p.add_argument("--decision", default="", choices=["", *DECISIONS],
                    help="empty: as the model was trained; argmax or median: that rule instead")
+    p.add_argument("--calibrated", type=str2bool, default=True,
+                   help="false: the model's raw probabilities (temperature 1), to see what calibration buys")
     return p
 
 
@@ -83,6 +90,8 @@ def main(args: argparse.Namespace) -> str:
             counter.tta = args.tta == "true"
         if args.decision:
             counter.decision = args.decision
+        if not args.calibrated:
+            counter.trust.temperature = 1.0
         with start_step("evaluate", args) as run:
             mlflow.log_input(mlflow.data.from_pandas(test, name="test"), context="testing")
             preds = score(counter, test, args.batch_size, args.workers)
@@ -103,9 +112,36 @@ def main(args: argparse.Namespace) -> str:
             cm = metrics.confusion(ok["count"], ok["predicted"], counter.classes)
             mlflow.log_figure(metrics.plot_confusion(cm, counter.classes), "confusion_matrix.png")
             mlflow.log_figure(_samples(ok, test), "samples.png")
+            trust = log_trust(ok, counter)
             print(f"evaluate: {len(ok)} images, accuracy {m['accuracy']:.3f} (baseline {base['accuracy']:.3f}), "
-                  f"rmse {m['rmse']:.3f} (baseline {base['rmse']:.3f}), unreadable {len(preds) - len(ok)}")
+                  f"rmse {m['rmse']:.3f} (baseline {base['rmse']:.3f}), unreadable {len(preds) - len(ok)}; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in trust.items()))
             return run.info.run_id
+
+
+def log_trust(ok: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]:
+    """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes:
+    logs `test_ece`, `test_nll`, `test_brier`, selective accuracy of the 25 % / 50 % most confident counts, the
+    inventory check as a detector at the model's check threshold (`test_check_*`), the share flagged for
+    review and the accuracy of the rest, `reliability.png` and `coverage.png`. -> the metrics."""
+    classes = counter.classes
+    rows = ok[ok["count"].isin(classes)]
+    probs = rows[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
+    y = rows["count"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    conf, right = rows["confidence"].to_numpy(dtype=float), (rows["predicted"] == rows["count"]).to_numpy()
+    review = rows["review"].to_numpy(dtype=bool)
+    out = {"ece": calibration.ece(probs, y), "nll": calibration.nll(probs, y), "brier": calibration.brier(probs, y),
+           "selective_accuracy_25": calibration.selective_accuracy(conf, right, 0.25),
+           "selective_accuracy_50": calibration.selective_accuracy(conf, right, 0.50),
+           **calibration.check_figures(probs, y, classes, counter.trust.check_threshold),
+           "review_rate": float(review.mean()),
+           "unflagged_accuracy": float(right[~review].mean()) if (~review).any() else float("nan")}
+    out = {f"test_{k}": v for k, v in out.items()}
+    mlflow.log_metrics(out)
+    mlflow.log_figure(metrics.plot_reliability(calibration.reliability(probs, y)), "reliability.png")
+    cov, acc = calibration.coverage_curve(conf, right)
+    mlflow.log_figure(metrics.plot_coverage(cov, acc, 1 - out["test_review_rate"]), "coverage.png")
+    return out
 
 
 def _samples(ok: pd.DataFrame, test: pd.DataFrame, n: int = 12):

@@ -20,7 +20,9 @@ from bincounter.runs import start_step, str2bool
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_id", default="", help="train or evaluate run; empty: the best evaluate run by metric")
-    p.add_argument("--metric", default="test_accuracy", help="gate metric (min for *rmse/*mae/*loss, else max)")
+    p.add_argument("--metric", default="test_accuracy",
+                   help="gate metric, e.g. test_accuracy, test_check_auc, test_ece (min for *rmse/*mae/*loss/*ece/"
+                        "*nll/*brier, else max)")
     p.add_argument("--name", default="bin-counter", help="registered model name")
     p.add_argument("--min_delta", type=float, default=0.0, help="how much better than the champion a version must be")
     p.add_argument("--force", type=str2bool, default=False, help="make the version champion whatever the gate says")

@@ -35,6 +35,9 @@ def test_train_then_evaluate_through_mlflow_run(tmp_path):
     assert train.data.params["hp_lr"] == "0.001" and train.data.params["hp_optimizer"] == "adamw"
     assert {"checkpoint", "learning_curves.png"} <= artifacts(train.info.run_id)
     assert "checkpoint/last.pt" in artifacts(train.info.run_id, "checkpoint")
+    # 10 validation bins are too few to fit a temperature: kept at 1, and the run says so
+    assert train.data.metrics["temperature"] == 1.0
+    assert "only 10 validation images" in train.data.tags["bincounter.calibration"]
     info = mlflow.models.get_model_info(f"runs:/{train.info.run_id}/model")  # MLflow 3: a LoggedModel of the run
     assert info.run_id == train.info.run_id and info.flavors.keys() >= {"python_function"}
 
@@ -46,7 +49,7 @@ def test_train_then_evaluate_through_mlflow_run(tmp_path):
             "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]})).to_json(orient='records'))")
     out = subprocess.run([sys.executable, "-c", code, model_uri, image], capture_output=True, text=True,
                          check=True, cwd="/", env=dict(os.environ, PYTHONPATH="")).stdout
-    assert "'type': 'binary', 'name': 'image'" in out
+    assert "'type': 'any', 'name': 'image'" in out  # bytes or base64 text (serving's contract)
     row = json.loads(out.splitlines()[-1])[0]
     assert row["count"] in range(1, 6) and 0 < row["confidence"] <= 1
     assert sum(row[f"p_{c}"] for c in range(1, 6)) == pytest.approx(1, abs=1e-4)
@@ -56,7 +59,9 @@ def test_train_then_evaluate_through_mlflow_run(tmp_path):
     for k in ("test_accuracy", "test_rmse", "test_mae", "test_within1_accuracy", "baseline_accuracy", "baseline_rmse"):
         assert k in ev.data.metrics, k
     assert ev.data.metrics["test_unreadable"] == 0
-    assert {"predictions.csv", "per_count.csv", "confusion_matrix.png", "samples.png"} <= artifacts(ev.info.run_id)
+    assert {"predictions.csv", "per_count.csv", "confusion_matrix.png", "samples.png", "reliability.png",
+            "coverage.png"} <= artifacts(ev.info.run_id)
+    assert {"test_ece", "test_nll", "test_brier", "test_check_auc"} <= ev.data.metrics.keys()
 
 
 @pytest.mark.parametrize("data_path", ["pil", "tensor"])

@@ -1,0 +1,209 @@
+"""How far to trust a count: the temperature, the trust figures and the thresholds (bincounter/calibration.py),
+and how they travel: fitted by train on validation, kept in the model's config, applied wherever probabilities
+leave the model, measured by evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_data import make_split_run
+from helpers_model import CLASSES, log_tiny_model, tiny_model  # noqa: F401 (fixture)
+
+from bincounter import calibration
+from bincounter.model import decide
+
+
+def softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def overconfident(n: int, temperature: float, seed: int = 0):
+    """Probabilities softmax(z) of a model whose true distribution is softmax(z / temperature), and labels drawn
+    from the true one -> (probs, y)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, size=(n, 5))
+    true = softmax(z / temperature)
+    y = np.array([rng.choice(5, p=p) for p in true])
+    return softmax(z), y
+
+
+def test_the_fitted_temperature_is_the_one_that_made_the_data():
+    probs, y = overconfident(4000, temperature=2.5)
+    t, why = calibration.fit_temperature(probs, y)
+    assert why is None and t == pytest.approx(2.5, rel=0.1)
+    cal = calibration.apply_temperature(probs, t)
+    assert calibration.ece(cal, y) < calibration.ece(probs, y) / 2
+    assert calibration.nll(cal, y) < calibration.nll(probs, y)
+    # a timid model is sharpened
+    t, _ = calibration.fit_temperature(*overconfident(4000, temperature=0.5, seed=1))
+    assert t == pytest.approx(0.5, rel=0.1)
+
+
+def test_apply_temperature_keeps_distributions_and_bad_rows():
+    probs = np.array([[0.7, 0.2, 0.1], [np.nan, np.nan, np.nan], [1.0, 0.0, 0.0]])
+    out = calibration.apply_temperature(probs, 2.0)
+    assert np.isnan(out[1]).all()
+    assert np.allclose(out[[0, 2]].sum(1), 1)
+    assert out[0, 0] < 0.7 and out[0, 0] == pytest.approx(0.7 ** 0.5 / sum(p ** 0.5 for p in (0.7, 0.2, 0.1)))
+    assert calibration.apply_temperature(probs[:1], 1.0).tolist() == probs[:1].tolist()
+
+
+def test_too_little_validation_data_keeps_temperature_one_and_says_why():
+    probs, y = overconfident(20, 2.0)
+    t, why = calibration.fit_temperature(probs, y)
+    assert t == 1.0 and "only 20 validation images" in why
+    probs, _ = overconfident(100, 2.0)
+    t, why = calibration.fit_temperature(probs, np.zeros(100, dtype=int))
+    assert t == 1.0 and "one count only" in why
+    trust = calibration.fit(*overconfident(20, 2.0), classes=CLASSES, decide=decide)
+    assert trust.temperature == 1.0 and "left at their defaults" in trust.note
+    assert trust.check_threshold == calibration.DEFAULT_CHECK_THRESHOLD and trust.review_confidence == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.5])
+def test_a_temperature_that_is_not_finite_and_positive_is_refused_with_a_warning(value):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t, why = calibration.checked_temperature(value)
+    assert t == 1.0 and "not a finite positive number" in why
+    assert any("temperature" in str(w.message) for w in caught)
+
+
+def test_trust_figures_on_known_cases():
+    perfect = np.eye(5)[[0, 1, 2, 3, 4]]
+    y = np.arange(5)
+    assert calibration.ece(perfect, y) == 0 and calibration.brier(perfect, y) == 0
+    assert calibration.nll(perfect, y) == pytest.approx(0, abs=1e-9)
+    assert calibration.brier(np.eye(5)[[1, 2, 3, 4, 0]], y) == 2
+    # half right at confidence 0.9: |0.5 - 0.9|
+    probs = np.tile([0.9, 0.1, 0, 0, 0], (4, 1))
+    assert calibration.ece(probs, np.array([0, 0, 1, 1])) == pytest.approx(0.4)
+    assert calibration.auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1
+    assert calibration.auc(np.array([1.0]), np.array([1.0])) == 0.5
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1, 1, 50), rng.normal(0, 1, 70)
+    brute = np.mean([(x > z) + 0.5 * (x == z) for x in a for z in b])
+    assert calibration.auc(a, b) == pytest.approx(brute)
+    conf, right = np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 1, 0, 0])
+    assert calibration.selective_accuracy(conf, right, 0.5) == 1
+    assert calibration.selective_accuracy(conf, right, 1.0) == 0.5
+
+
+def test_check_figures_treat_every_count_as_a_record():
+    probs = np.array([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    y = np.array([0, 2])  # counts 1 and 3
+    f = calibration.check_figures(probs, y, [1, 2, 3], threshold=0.2)
+    # right records: 0.6, 0.8; wrong: 0.3, 0.1, 0.1, 0.1; off by two: 0.1 (bin 1 says 3), 0.1 (bin 2 says 1)
+    assert f["check_auc"] == 1 and f["check_auc_off2"] == 1
+    assert f["check_catch"] == 0.75 and f["check_catch_off2"] == 1 and f["check_false_alarm"] == 0
+
+
+def test_thresholds_meet_their_targets_on_the_data_they_were_chosen_on():
+    probs, y = overconfident(600, 1.0, seed=3)
+    trust = calibration.fit(probs, y, CLASSES, decide, target_accuracy=0.9, target_catch=0.9)
+    p = trust.promise
+    assert p["check_catch_off2"] >= 0.9 and p["kept_accuracy"] >= 0.9 and 0 < p["review_rate"] < 1
+    assert trust.config().keys() == {"temperature", "review_confidence", "check_threshold", "promise"}
+    assert "about" in calibration.describe_check(trust, trust.check_threshold)
+    assert "right 9" in calibration.describe_review(trust)  # "right 9x% of the time"
+    # a threshold other than the model's promises nothing
+    assert "Measured" not in calibration.describe_check(trust, 0.5)
+    # a target no confidence reaches flags every count
+    trust = calibration.fit(np.full((100, 5), 0.2), np.arange(100) % 5, CLASSES, decide, target_accuracy=0.8)
+    assert trust.promise["review_rate"] == 1 and "every count is flagged" in calibration.describe_review(trust)
+
+
+def test_a_model_logged_before_calibration_loads_with_temperature_one(tiny_model, tmp_path):
+    from bincounter import serving
+
+    counter = serving.load(tiny_model.model_uri)
+    assert counter.trust == calibration.Trust()
+    images = [p.read_bytes() for p in sorted(tiny_model.images.glob("*.jpg"))]
+    raw, _ = counter.probabilities(images)
+    assert not counter.table(raw)["review"].any()
+    # the same weights with a temperature in the config: softer probabilities, the same counts
+    d = Path(mlflow.artifacts.download_artifacts(f"{tiny_model.model_uri}", dst_path=str(tmp_path)))
+    model_dir = next(d.rglob(serving.CONFIG_FILE)).parent
+    config = json.loads((model_dir / serving.CONFIG_FILE).read_text())
+    assert "temperature" not in config
+    (model_dir / serving.CONFIG_FILE).write_text(json.dumps({**config, "temperature": 3.0, "review_confidence": 0.5}))
+    hot = serving.BinCounter.from_dir(model_dir)
+    soft, _ = hot.probabilities(images)
+    assert np.allclose(soft, calibration.apply_temperature(raw, 3.0), atol=1e-5)
+    assert (soft.max(1) < raw.max(1) + 1e-6).all()
+    table = hot.table(soft)
+    assert table["review"].tolist() == (table["confidence"] < 0.5).tolist()
+
+
+def trust_args(**kw) -> argparse.Namespace:
+    from bincounter.trainer import get_args_parser
+
+    return get_args_parser().parse_args(["--split_run_id", "x", *[f"--{k}={v}" for k, v in kw.items()]])
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_train_fits_trust_on_validation_and_the_model_carries_it(tmp_path, calibrate):
+    from bincounter import serving, trainer
+
+    split = make_split_run(tmp_path, n=200, size=32)  # 40 validation bins: enough for a fit
+    classes, train_df, val_df = trainer.load_split(split, str(tmp_path / "dl"))
+    args = trust_args(weights="none", arch="resnet18", image_size=32, epochs=1, max_steps=2, batch_size=16,
+                      calibrate=str(calibrate).lower(), target_accuracy=0.5)
+    cfg = trainer.config_from(args, classes)
+    run_id = trainer.fit_and_log(args, cfg, train_df, val_df)
+    run = mlflow.get_run(run_id)
+    config = serving.load(f"runs:/{run_id}/model").config
+    assert config["temperature"] == run.data.metrics["temperature"]
+    assert config["check_threshold"] == run.data.metrics["check_threshold"] and 0 < config["check_threshold"] <= 1
+    assert config["promise"]["measured_on"] == "validation split (40 bins)"
+    assert config["promise"]["target_accuracy"] == 0.5
+    assert run.data.metrics["val_nll"] <= run.data.metrics["val_nll_raw"] + 1e-9
+    if calibrate:
+        assert config["temperature"] != 1.0 and "bincounter.calibration" not in run.data.tags
+    else:
+        assert config["temperature"] == 1.0 and "calibrate=false" in run.data.tags["bincounter.calibration"]
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert "reliability_val.png" in names
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "abc"])
+def test_targets_out_of_range_are_refused_naming_them(bad, capsys):
+    with pytest.raises(SystemExit):
+        trust_args(target_catch=bad)
+    assert "target_catch" in capsys.readouterr().err
+
+
+def test_evaluate_says_how_far_to_trust_the_model(tiny_model, tmp_path):
+    from steps import evaluate
+
+    rows = [{"image_id": p.stem, "count": int(p.stem.split("-")[0]), "path": str(p), "sha256": "", "width": 64,
+             "height": 64, "source": "synthetic"} for p in sorted(tiny_model.images.glob("*.jpg"))]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    args = evaluate.get_args_parser().parse_args(["--model_uri", tiny_model.model_uri, "--manifest", str(manifest)])
+    run = mlflow.get_run(evaluate.main(args))
+    m = run.data.metrics
+    for k in ("test_ece", "test_nll", "test_brier", "test_selective_accuracy_25", "test_selective_accuracy_50",
+              "test_check_auc", "test_check_auc_off2", "test_check_catch", "test_check_catch_off2",
+              "test_check_false_alarm", "test_review_rate"):
+        assert k in m and np.isfinite(m[k]), k
+    assert 0 <= m["test_ece"] <= 1 and 0 <= m["test_check_auc"] <= 1
+    preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv"))
+    probs = preds[[f"p_{c}" for c in CLASSES]].to_numpy()
+    assert m["test_ece"] == pytest.approx(calibration.ece(probs, preds["count"].to_numpy() - 1), abs=1e-9)
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"reliability.png", "coverage.png"} <= names
+
+
+def test_the_gate_minimises_calibration_error_and_maximises_the_check_auc():
+    from bincounter.registry import lower_is_better
+
+    assert lower_is_better("test_ece") and lower_is_better("test_nll") and lower_is_better("test_brier")
+    assert not lower_is_better("test_check_auc") and not lower_is_better("test_accuracy")
