@@ -44,12 +44,26 @@ def parse_metadata(raw: bytes | str, source: str = "metadata") -> int:
         raise MetadataError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     if "EXPECTED_QUANTITY" not in doc:
         raise MetadataError(f"{source}: no EXPECTED_QUANTITY field")
-    q = doc["EXPECTED_QUANTITY"]
-    # bool is an int subclass; a float like 3.0 is accepted, 3.5 or NaN is not
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or (isinstance(q, float) and (math.isnan(q) or q != int(q))):
-        raise MetadataError(f"{source}: EXPECTED_QUANTITY is {q!r}, not a whole number")
+    return quantity(doc["EXPECTED_QUANTITY"], f"{source}: EXPECTED_QUANTITY")
+
+
+def quantity(value, where: str) -> int:
+    """An expected quantity, as a JSON value or a CSV cell (text) -> a non-negative int. The one rule for
+    metadata and label CSVs alike; raises MetadataError `<where> is blank | is 'abc', not a whole number |
+    is negative (-2)`."""
+    q = value
+    if isinstance(value, str):
+        if not value.strip():
+            raise MetadataError(f"{where} is blank")
+        try:
+            q = float(value)
+        except ValueError:
+            raise MetadataError(f"{where} is {value!r}, not a whole number") from None
+    # bool is an int subclass; a float like 3.0 is accepted, 3.5, NaN or inf is not
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or (isinstance(q, float) and not (math.isfinite(q) and q == int(q))):
+        raise MetadataError(f"{where} is {value!r}, not a whole number")
     if q < 0:
-        raise MetadataError(f"{source}: EXPECTED_QUANTITY is negative ({q})")
+        raise MetadataError(f"{where} is negative ({value})")
     return int(q)
 
 

@@ -6,13 +6,18 @@
   bincounter promote --name bin-counter --version N
   bincounter rollback --name bin-counter
 
-Errors are printed as one line on stderr with exit status 1 (2 for bad arguments).
+Exit status: 0 done (some inputs may have failed: predict says how many on stderr, reconcile lists them);
+1 an error (one line on stderr), predict counted nothing, reconcile checked no bin, or an output could not be
+written (what was written is said, the table is saved elsewhere); 2 bad arguments, output paths included (checked
+before the model loads).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -67,9 +72,37 @@ def _write(df: pd.DataFrame, path: str) -> None:
     print(f"wrote {path}")
 
 
-def _check_output(parser: argparse.ArgumentParser, path: str | None) -> None:
-    if path and not path.endswith(OUTPUT_SUFFIXES):
-        parser.error(f"--output must end in .csv or .json, got {path}")
+def _writable(path: str) -> str | None:
+    """Why a file cannot be written at `path` (without writing it), or None."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{path} is a folder"
+    folder = p.parent
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(p if p.exists() else folder, os.W_OK):
+        return f"{p if p.exists() else 'folder ' + str(folder)} is not writable"
+    return None
+
+
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written before any work is done (exit 2)."""
+    output = getattr(args, "output", None)
+    if output and not output.endswith(OUTPUT_SUFFIXES):
+        parser.error(f"--output must end in .csv or .json, got {output}")
+    for option in ("output", "report"):
+        path = getattr(args, option, None)
+        why = path and _writable(path)
+        if why:
+            parser.error(f"--{option} {path}: {why}")
+
+
+def _save_elsewhere(df: pd.DataFrame) -> None:
+    """After a failed write: keep the table in a new file in the temp folder and say where."""
+    fd, path = tempfile.mkstemp(prefix="bincounter-", suffix=".csv")
+    os.close(fd)
+    df.to_csv(path, index=False)
+    print(f"bincounter: the table is saved in {path}", file=sys.stderr)
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -84,6 +117,11 @@ def predict(args: argparse.Namespace) -> None:
     print(f"{len(table) - bad} counted, {bad} unreadable")
     if args.output:
         _write(table, args.output)
+    if bad == len(table):
+        raise ValueError(f"none of the {bad} images could be counted")
+    if bad:
+        print(f"bincounter predict: {bad} of {len(table)} images could not be counted (see the error column)",
+              file=sys.stderr)
 
 
 def reconcile(args: argparse.Namespace) -> None:
@@ -97,24 +135,44 @@ def reconcile(args: argparse.Namespace) -> None:
     with pd.option_context("display.max_rows", None, "display.width", 200):
         if len(flagged):
             print(flagged[["image_id", "expected_quantity", "predicted", "p_expected"]].to_string(index=False))
-    print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
-    report = None
-    if args.report:
-        report = Path(args.report)
-        report.write_text(rec.html_report(df, stats, args.model))
-        print(f"wrote {report}")
+    print("  ".join(f"{k}={v}" if not isinstance(v, float) else f"{k}=n/a (no bin checked)" if v != v
+                    else f"{k}={v:.3f}" for k, v in stats.items()))
+    for line in rec.problems(df):
+        print(line, file=sys.stderr)
+    # the finished table first, then what derives from it; one failed write never stops the others
+    failed, report, table_written = [], None, False
     if args.output:
-        _write(df, args.output)
+        try:
+            _write(df, args.output)
+            table_written = True
+        except OSError as e:
+            failed.append(f"--output {args.output}: {e.strerror or e}")
+    if args.report:
+        try:
+            Path(args.report).write_text(rec.html_report(df, stats, args.model))
+            report = Path(args.report)
+            print(f"wrote {report}")
+        except (OSError, ValueError) as e:  # ValueError: an image unreadable since it was counted
+            failed.append(f"--report {args.report}: {getattr(e, 'strerror', None) or e}")
     if args.log_mlflow:
-        run_id = rec.log_run(df, stats, report, {"model": args.model, "images": args.images,
-                                                 "expected": args.expected, "threshold": args.threshold})
-        print(f"logged run {run_id}")
+        try:
+            run_id = rec.log_run(df, stats, report, {"model": args.model, "images": args.images,
+                                                     "expected": args.expected, "threshold": args.threshold})
+            print(f"logged run {run_id}")
+        except (OSError, MlflowException) as e:
+            failed.append(f"--log-mlflow: {e.message if isinstance(e, MlflowException) else e}")
+    if failed:
+        if not table_written:
+            _save_elsewhere(df)
+        raise OSError("could not write " + "; ".join(failed))
+    if not stats["bins_checked"] and not stats["outside_model_range"]:
+        raise ValueError("no bin could be checked (no photo with a usable expected quantity was read)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    _check_output(parser, getattr(args, "output", None))
+    _check_paths(parser, args)
     try:
         if args.command == "predict":
             predict(args)

@@ -191,5 +191,8 @@ def endpoint_predictor(endpoint: str, region: str):
         good = [i for i, e in enumerate(errors) if e is None]
         preds = invoke(endpoint, region, [images[i] for i in good])
         preds.index = good
-        return preds.reindex(range(len(images))), errors
+        if "error" in preds:  # the served model's own per-row answer (`row k` of its request)
+            for i, e in preds["error"].dropna().items():
+                errors[i] = f"{names[i]}: endpoint: {e}"
+        return preds.drop(columns="error", errors="ignore").reindex(range(len(images))), errors
     return predict
