@@ -13,6 +13,7 @@ from dataclasses import fields
 
 import mlflow
 
+from bincounter import entry
 from bincounter.deploy import Settings, deploy
 from bincounter.runs import start_step, str2bool, whole
 
@@ -46,4 +47,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from bincounter import calibration, metrics, serving
+from bincounter import entry
 from bincounter.manifest import read_manifest, write_csv
 from bincounter.model import DECISIONS
 from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
@@ -157,4 +158,4 @@ def _samples(ok: pd.DataFrame, test: pd.DataFrame, n: int = 12):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

@@ -21,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from bincounter import hpo, trainer
+from bincounter import entry
 from bincounter.runs import start_step, whole
 from bincounter.training import MONITORS, TrainConfig
 
@@ -102,4 +103,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

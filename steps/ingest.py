@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 from PIL import Image
 
-from bincounter import abid, synthetic
+from bincounter import abid, entry, synthetic
 from bincounter.ingest import ingest
 from bincounter.manifest import write_csv
 from bincounter.runs import download_uri, start_step, whole
@@ -156,4 +156,4 @@ def main(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

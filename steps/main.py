@@ -17,6 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
+from bincounter import entry
 from bincounter.model import ARCHS
 from bincounter.runs import create_project_run, start_step, whole
 from bincounter.training import MONITORS, TrainConfig
@@ -117,4 +118,4 @@ def main(args: argparse.Namespace) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

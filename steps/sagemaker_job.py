@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import torch.distributed as dist
 
-from bincounter import trainer
+from bincounter import entry, trainer
 from bincounter.manifest import read_manifest
 from bincounter.training import train_run
 
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    entry.run(main)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from bincounter import abid
+from bincounter import abid, entry
 from bincounter.runs import csv_ints, start_step, whole
 
 
@@ -66,4 +66,4 @@ def main(args: argparse.Namespace) -> dict[int, list[str]]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from bincounter import metrics
+from bincounter import entry, metrics
 from bincounter.manifest import check_fractions, read_manifest, stratified_split, write_csv
 from bincounter.runs import download, finished_run, start_step, whole
 
@@ -47,4 +47,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

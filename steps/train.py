@@ -17,7 +17,7 @@ import tempfile
 
 import mlflow
 
-from bincounter import trainer
+from bincounter import entry, trainer
 from bincounter.runs import finished_run, run_name, start_step
 
 
@@ -46,4 +46,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

@@ -1,0 +1,84 @@
+"""Entry points answer a wrong parameter in one line naming it: no traceback, exit 1, the run FAILED
+(bincounter/entry.py). Real bugs keep their traceback; BINCOUNTER_TRACEBACK=1 shows it for all."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import mlflow
+import pytest
+from conftest import run_entry
+from helpers_data import make_split_run
+
+from bincounter import entry
+from steps import evaluate, register, split, train
+
+MISSING = "0123456789abcdef0123456789abcdef"
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without MLflow's progress bars."""
+    return [line for line in err.splitlines() if line.strip() and "Downloading artifacts" not in line]
+
+
+def test_a_wrong_parameter_fails_in_one_line_through_mlflow_run():
+    """The behaviour is the process: `mlflow run` with a run id that does not exist."""
+    p = run_entry("split", {"ingest_run_id": MISSING}, check=False, timeout=300)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    step_lines = [line for line in p.stderr.splitlines() if line.startswith("split:")]
+    assert step_lines == [f"split: error: ingest_run_id {MISSING}: run {MISSING} not found: "
+                          f"Run with id={MISSING} not found"]
+    runs = mlflow.search_runs(experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.fixture
+def split_run(tmp_path) -> str:
+    return make_split_run(tmp_path, n=20)
+
+
+def cases(split_id: str) -> dict:
+    """step, argv, the one line expected."""
+    return {
+        "wrong step": (split, ["--ingest_run_id", split_id],
+                       f"split: error: ingest_run_id {split_id}: run {split_id} is a 'split' run, expected a 'ingest' run"),
+        "lr=abc": (train, ["--split_run_id", split_id, "--lr", "abc", "--weights", "none"],
+                   "train: error: lr = 'abc' is not a valid lr"),
+        "image_size=-5": (train, ["--split_run_id", split_id, "--image_size", "-5", "--weights", "none"],
+                          "train: error: image_size must be at least 32, got -5"),
+        "missing model": (evaluate, ["--model_uri", f"runs:/{MISSING}/model", "--split_run_id", split_id],
+                          f"evaluate: error: model_uri runs:/{MISSING}/model: Run with id={MISSING} not found"),
+        "missing run": (register, ["--run_id", MISSING],
+                        f"register: error: run_id {MISSING}: run {MISSING} not found: Run with id={MISSING} not found"),
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong step", "lr=abc", "image_size=-5", "missing model", "missing run"])
+def test_wrong_parameters_fail_in_one_line(split_run, case, capsys):
+    step, argv, line = cases(split_run)[case]
+    with pytest.raises(SystemExit) as e:
+        entry.run(step.main, step.get_args_parser(), argv)
+    assert e.value.code == 1
+    assert error_lines(capsys.readouterr().err) == [line]
+    assert mlflow.active_run() is None
+
+
+def test_the_open_run_ends_failed_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    def fails_in_a_run(args):
+        mlflow.start_run()
+        raise ValueError(f"threshold must be between 0 and 1, got {args.threshold}")
+
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("--threshold", type=float)
+    with pytest.raises(SystemExit):
+        entry.run(fails_in_a_run, parser, ["--threshold", "2"])
+    assert error_lines(capsys.readouterr().err) == ["demo: error: threshold must be between 0 and 1, got 2.0"]
+    run = mlflow.search_runs(experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]], output_format="list")[0]
+    assert run.info.status == "FAILED"
+
+    with pytest.raises(ZeroDivisionError):  # a bug: its traceback stays
+        entry.run(lambda args: 1 / 0, parser, [])
+    monkeypatch.setenv(entry.TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError, match="threshold must be between 0 and 1"):  # asked for: every traceback
+        entry.run(fails_in_a_run, parser, ["--threshold", "2"])
