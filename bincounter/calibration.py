@@ -15,11 +15,17 @@ is the true count and wrong otherwise; p(c) is its score.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import mlflow
 import numpy as np
+
+from bincounter import metrics
+from bincounter.model import decide
+from bincounter.runs import fraction, str2bool
 
 MIN_IMAGES = 30  # fewer validation images than this: no temperature is fitted (one scalar, but a noisy one)
 MIN_KEPT = 10  # the review threshold keeps at least this many validation counts (the top few are pure noise)
@@ -212,17 +218,17 @@ class Trust:
                       if k in config})
 
 
-def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decide, calibrate: bool = True,
+def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str = "argmax", calibrate: bool = True,
         target_accuracy: float = TARGET_ACCURACY, target_catch: float = TARGET_CATCH) -> Trust:
     """Validation probabilities [N, C] (uncalibrated), true class indices, the model's decision rule
-    (probabilities -> class index per row) -> Trust: the temperature (1 unless `calibrate` and the data allow
+    (bincounter.model.decide) -> Trust: the temperature (1 unless `calibrate` and the data allow
     a fit), then both thresholds chosen on the calibrated probabilities, and what they promise there."""
     probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
     t, note = fit_temperature(probs, y) if calibrate else (1.0, "calibrate=false: temperature 1")
     cal = apply_temperature(probs, t)
     if len(y) < MIN_IMAGES:  # a threshold chosen on a handful of bins promises nothing
         return Trust(temperature=t, note=f"{note}; review and check thresholds left at their defaults")
-    best = decide(cal)
+    best = decide(cal, decision)
     confidence, right = cal[np.arange(len(y)), best], best == y
     review = choose_review_confidence(confidence, right, target_accuracy)
     check = choose_check_threshold(cal, y, classes, target_catch)
@@ -232,6 +238,38 @@ def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decide, calibrate:
                "kept_accuracy": float(right[kept].mean()) if kept.any() else float("nan"),
                **check_figures(cal, y, classes, check)}
     return Trust(temperature=t, review_confidence=review, check_threshold=check, promise=promise, note=note)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The options of whatever fits a Trust (train, the ensemble step)."""
+    g = p.add_argument_group("how far to trust the model (fitted on the validation split)")
+    g.add_argument("--calibrate", type=str2bool, default=True,
+                   help="fit a temperature to the validation split so probabilities mean what they say")
+    g.add_argument("--target_accuracy", type=fraction, default=TARGET_ACCURACY,
+                   help="review flag: the counts not flagged should be right this often (on validation)")
+    g.add_argument("--target_catch", type=fraction, default=TARGET_CATCH,
+                   help="inventory check: flag this share of the records off by two or more (on validation)")
+
+
+def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str, args: argparse.Namespace) -> Trust:
+    """`fit` with the step's options (add_options), logged into the active run: metric `temperature`, `val_ece`
+    and `val_nll` before (`_raw`) and after calibration, the thresholds and what they promise (`trust_*`), a tag
+    `bincounter.calibration` when defaults were kept, and the validation reliability diagram. -> the Trust."""
+    trust = fit(probs, y, classes, decision, args.calibrate, args.target_accuracy, args.target_catch)
+    cal = apply_temperature(probs, trust.temperature)
+    mlflow.log_metrics({"temperature": trust.temperature, "review_confidence": trust.review_confidence,
+                        "check_threshold": trust.check_threshold,
+                        "val_ece_raw": ece(probs, y), "val_ece": ece(cal, y),
+                        "val_nll_raw": nll(probs, y), "val_nll": nll(cal, y),
+                        **{f"trust_{k}": v for k, v in trust.promise.items() if isinstance(v, float)}})
+    mlflow.log_figure(metrics.plot_reliability(reliability(probs, y), reliability(cal, y), "validation"),
+                      "reliability_val.png")
+    if trust.note:
+        mlflow.set_tag("bincounter.calibration", trust.note)
+        print(f"calibration: {trust.note}")
+    print(f"calibration: temperature {trust.temperature:.3f}; {describe_review(trust)} "
+          f"{describe_check(trust, trust.check_threshold)}")
+    return trust
 
 
 def describe_check(trust: Trust, threshold: float) -> str:

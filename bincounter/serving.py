@@ -1,6 +1,6 @@
 """The served model: an MLflow pyfunc (models-from-code) that turns image bytes into counts.
 
-Contract: a row per image with `count`, `confidence`, `p_<count>` (null where the image is bad) and `error` (null where good); only a request malformed as a whole, or with no readable image, is refused (400).
+Contract: a row per image with `count`, `confidence`, `review`, `p_<count>` (null where the image is bad) and `error` (null where good); only a request malformed as a whole, or with no readable image, is refused (400).
 
 Input: a DataFrame with a column `image` of JPEG/PNG bytes or their base64 text (the signature types it `any`,
 so that MLflow's server hands the text over undecoded and text that is not base64 is an error of its own row,
@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import os
+import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
+from bincounter import calibration
 from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, decide, get_arch, probabilities
 from bincounter.transforms import EvalPreset, ImageError, decode_image
 
@@ -75,13 +77,18 @@ class BinCounter:
         # models logged before these options existed: no test-time augmentation, the most likely count
         self.tta = bool(config.get("tta", False))
         self.decision = config.get("decision", "argmax")
+        # models logged before calibration: temperature 1, no review threshold, reconcile's old 0.2
+        self.trust = calibration.Trust.from_config(config)
         self.decode_threads = decode_threads
         self._pool: ThreadPoolExecutor | None = None  # made on first use: a served model may be loaded, then forked
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "BinCounter":
+        """A logged model's `model_dir` (weights + config, or an ensemble's members) -> a loaded counter."""
         path = Path(path)
         config = json.loads((path / CONFIG_FILE).read_text())
+        if "members" in config:
+            return Ensemble.from_dir(path)
         model = build_model(config["arch"], len(config["classes"]), weights="none")
         model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         return cls(model, config)
@@ -132,18 +139,47 @@ class BinCounter:
                     idx.append(i)
                     tensors.append(out)
             if tensors:
-                probs[idx] = self.forward(torch.stack(tensors))
+                probs[idx] = calibration.apply_temperature(self.forward(torch.stack(tensors)), self.trust.temperature)
         return probs, errors
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:
         """Probabilities -> count (per the model's decision rule), confidence (that count's probability),
-        p_<count> columns."""
+        review (confidence below the model's review threshold: a person should look), p_<count> columns."""
         best = decide(probs, self.decision)
-        out = pd.DataFrame({"count": np.asarray(self.classes)[best].astype("int64"),
-                            "confidence": probs[np.arange(len(best)), best].astype("float64")})
+        confidence = probs[np.arange(len(best)), best].astype("float64")
+        out = pd.DataFrame({"count": np.asarray(self.classes)[best].astype("int64"), "confidence": confidence,
+                            "review": confidence < self.trust.review_confidence})
         for j, c in enumerate(self.classes):
             out[f"p_{c}"] = probs[:, j].astype("float64")
         return out
+
+
+class Ensemble(BinCounter):
+    """Several bin counters answering as one: the mean of the members' calibrated probabilities (each member
+    decodes with its own normalisation and resolution, and applies its own temperature), then the ensemble's
+    own temperature, decision rule and thresholds (fitted on validation by the ensemble step). The members'
+    folders sit in `members/<i>/` beside the config, whose `members` lists their source URIs and run ids."""
+
+    def __init__(self, members: list[BinCounter], config: dict):
+        self.members, self.config = members, config
+        self.classes = [int(c) for c in config["classes"]]
+        self.decision = config.get("decision", "argmax")
+        self.trust = calibration.Trust.from_config(config)
+        for m, source in zip(members, config["members"]):
+            if m.classes != self.classes:
+                raise ValueError(f"ensemble member {source['uri']} counts {m.classes}, the ensemble {self.classes}")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Ensemble":
+        path = Path(path)
+        config = json.loads((path / CONFIG_FILE).read_text())
+        return cls([BinCounter.from_dir(path / "members" / str(i)) for i in range(len(config["members"]))], config)
+
+    def probabilities(self, images: list[bytes], names: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
+        """As BinCounter.probabilities; every member sees every image (they share the decoder, so the errors too)."""
+        answers = [m.probabilities(images, names) for m in self.members]
+        mean = np.mean([p for p, _ in answers], axis=0)
+        return calibration.apply_temperature(mean, self.trust.temperature), answers[0][1]
 
 
 class BinCounterModel(PythonModel):
@@ -182,10 +218,11 @@ class BinCounterModel(PythonModel):
 
 def rows(table: pd.DataFrame, errors: list[str | None]) -> pd.DataFrame:
     """BinCounter.table's output and one error or None per row -> the served rows: count (Int64), confidence
-    and p_<c> (Float64) null where the row has an error, and the `error` column (string)."""
+    and p_<c> (Float64) and review (boolean) null where the row has an error, and the `error` column (string)."""
     bad = pd.Series([e is not None for e in errors], index=table.index)
     out = table.copy()
     out["count"] = out["count"].astype("Int64").mask(bad)
+    out["review"] = out["review"].astype("boolean").mask(bad)
     for c in ["confidence", *[c for c in out.columns if c.startswith("p_")]]:
         out[c] = out[c].astype("Float64").mask(bad)
     out["error"] = pd.array(errors, dtype="string")
@@ -196,6 +233,7 @@ def signature(classes: list[int]) -> ModelSignature:
     """In: `image` (any: bytes or base64 text, see the module docstring). Out: the per-row contract; `count` and
     the probabilities are optional (null for a bad image), as is `error` (null for a good one)."""
     out = [ColSpec("long", "count", required=False), ColSpec("double", "confidence", required=False),
+           ColSpec("boolean", "review", required=False),  # a person should look: below the review threshold
            *[ColSpec("double", f"p_{c}", required=False) for c in classes], ColSpec("string", "error", required=False)]
     return ModelSignature(inputs=Schema([ColSpec(AnyType(), INPUT_COLUMN)]), outputs=Schema(out))
 
@@ -207,27 +245,52 @@ def log_model(model: torch.nn.Module, config: dict, example_image: bytes, name: 
         d = Path(tmp) / "model_dir"
         d.mkdir()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / WEIGHTS_FILE)
-        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
-            artifacts={"model_dir": str(d)},
-            code_paths=[str(PACKAGE_DIR)],
-            signature=signature(config["classes"]),
-            input_example=pd.DataFrame({INPUT_COLUMN: [example_image]}),
-            pip_requirements=_requirements(config["arch"]),
-            **kwargs,
-        )
+        return _log_dir(d, config, example_image, [config["arch"]], name, **kwargs)
 
 
-def _requirements(arch: str) -> list[str]:
+def log_ensemble(member_dirs: list[Path], config: dict, example_image: bytes, name: str = "model", **kwargs):
+    """Log an ensemble as the pyfunc `name`: the members' model folders (copied in `config["members"]`'s order)
+    and the ensemble's config. -> the ModelInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "model_dir"
+        for i, src in enumerate(member_dirs):
+            shutil.copytree(src, d / "members" / str(i))
+        archs = [json.loads((m / CONFIG_FILE).read_text()).get("arch", "resnet18") for m in member_dirs]
+        return _log_dir(d, config, example_image, archs, name, **kwargs)
+
+
+def _log_dir(d: Path, config: dict, example_image: bytes, archs: list[str], name: str, **kwargs):
+    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(PACKAGE_DIR / "pyfunc_model.py"),
+        artifacts={"model_dir": str(d)},
+        code_paths=[str(PACKAGE_DIR)],
+        signature=signature(config["classes"]),
+        input_example=pd.DataFrame({INPUT_COLUMN: [example_image]}),
+        pip_requirements=_requirements(archs),
+        **kwargs,
+    )
+
+
+def _requirements(archs: list[str]) -> list[str]:
     """Pins of what the served model imports (timm for the EfficientNet-Lites); local build tags (+cu130)
     dropped, since serving images install from PyPI. mlflow by its own version: mlflow-skinny installs have no
     `mlflow` distribution. The weights travel in the model, so no weights wheel is needed."""
     from importlib.metadata import version
-    packages = ["torch", "torchvision", "pillow", "pandas", "numpy", *get_arch(arch).requires]
+    extra = sorted({p for arch in archs for p in get_arch(arch).requires})
+    packages = ["torch", "torchvision", "pillow", "pandas", "numpy", *extra]
     pins = [f"{p}=={version(p).split('+')[0]}" for p in packages]
     return [f"mlflow=={mlflow.__version__}", *pins]
+
+
+def model_dir(model_uri: str, dst: str | Path) -> Path:
+    """A model URI -> the local copy of its `model_dir` (weights + config, or an ensemble's members)."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    found = next((p.parent for p in local.rglob(CONFIG_FILE) if p.parent.name == "model_dir"), None)
+    if found is None:
+        raise ValueError(f"{model_uri} is not a bin counter model (no model_dir/{CONFIG_FILE})")
+    return found
 
 
 def load(model_uri: str) -> BinCounter:

@@ -7,10 +7,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from bincounter import calibration, metrics, serving
-from bincounter.manifest import read_manifest
-from bincounter.model import ARCHS, DECISIONS, decide, input_config
+from bincounter.manifest import read_manifest, stratified_split
+from bincounter.model import ARCHS, DECISIONS, input_config
 from bincounter.runs import csv_ints, download, finished_run, fraction, run_name, start_step, str2bool, whole
 from bincounter.training import DATA_PATHS, MONITORS, TUNABLE, TrainConfig, train_run
 from bincounter.transforms import AUGMENTS
@@ -80,13 +81,14 @@ def get_args_parser(description: str = "") -> argparse.ArgumentParser:
                    f"{', '.join(MONITORS)}; default: the hpo run's metric, else {TrainConfig.monitor}")
     p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
     add_lever_options(p)
-    g = p.add_argument_group("how far to trust the model (fitted on the validation split after training)")
-    g.add_argument("--calibrate", type=str2bool, default=True,
-                   help="fit a temperature to the validation split so probabilities mean what they say")
-    g.add_argument("--target_accuracy", type=fraction, default=calibration.TARGET_ACCURACY,
-                   help="review flag: the counts not flagged should be right this often (on validation)")
-    g.add_argument("--target_catch", type=fraction, default=calibration.TARGET_CATCH,
-                   help="inventory check: flag this share of the records off by two or more (on validation)")
+    g = p.add_argument_group("refit: the final model on every labelled bin outside the test split")
+    g.add_argument("--refit_of", default="",
+                   help="a FINISHED train run on the same split whose validation chose the settings: train again with "
+                        "its settings for its best epoch count on train + validation, keeping calibration_frac of "
+                        "the validation split back to calibrate")
+    g.add_argument("--calibration_frac", type=fraction, default=0.5,
+                   help="refit: the share of the validation split kept back to fit the temperature and thresholds")
+    calibration.add_options(p)
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
     add_sagemaker_options(p)
@@ -124,6 +126,44 @@ def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict |
     return TrainConfig(**{**base, **hparams(args, hpo_params), "classes": classes, **override}).validate()
 
 
+# what a refit decides for itself rather than taking from the run it refits
+REFIT_OWN = ("split_run_id", "hpo_run_id", "refit_of", "calibration_frac", "resume", "epochs", "patience",
+             "calibrate", "target_accuracy", "target_catch", *SAGEMAKER_OPTS)
+
+
+def refit_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A train step's arguments with `refit_of` -> the refit's: the settings of that run (its tunables as it
+    resolved them, hpo's best included), its best epoch as `epochs`, no early stopping. Refuses a run that is
+    not a FINISHED train run on the same split with a best epoch, or is itself a refit."""
+    src = finished_run(args.refit_of, "train")
+    params = {k: ("" if v == "''" else v) for k, v in src.data.params.items()}  # `mlflow run` quotes empties
+    if params.get("split_run_id") != args.split_run_id:
+        raise ValueError(f"refit_of: train run {args.refit_of} trained on split run {params.get('split_run_id')}, "
+                         f"not {args.split_run_id}: refit on the split whose validation chose the settings")
+    if params.get("refit_of"):
+        raise ValueError(f"refit_of: run {args.refit_of} is itself a refit; give the run that chose its settings "
+                         f"({params['refit_of']})")
+    if "best_epoch" not in src.data.metrics:
+        raise ValueError(f"refit_of: run {args.refit_of} has no best_epoch: give a train run that finished training")
+    if args.backend != "local":
+        raise ValueError("refit_of runs with backend=local only")
+    types = {a.dest: a.type for a in get_args_parser()._actions}
+    inherited = {k: v for k, v in params.items() if k in vars(args) and k not in REFIT_OWN}
+    inherited.update({k: params[f"hp_{k}"] for k in TUNABLE if f"hp_{k}" in params})
+    out = argparse.Namespace(**vars(args))
+    for k, v in inherited.items():
+        setattr(out, k, types[k](v) if types.get(k) and v != "" else v)
+    out.epochs, out.patience = int(src.data.metrics["best_epoch"]), 0
+    return out
+
+
+def refit_data(train_df, val_df, calibration_frac: float, seed: int):
+    """-> (train + the validation bins not kept back, the kept-back calibration bins), stratified by count."""
+    parts = stratified_split(val_df, (1 - calibration_frac, 0, calibration_frac), seed) if calibration_frac < 1 \
+        else {"train": val_df.iloc[:0], "test": val_df}
+    return pd.concat([train_df, parts["train"]], ignore_index=True), parts["test"]
+
+
 def load_split(split_run_id: str, tmp: str):
     """-> (classes, train_df, val_df) of a FINISHED split run."""
     split = finished_run(split_run_id, "split")
@@ -150,39 +190,20 @@ def log_trained_model(result: dict, cfg: TrainConfig, example_path: str, trust: 
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
 
 
-def fit_trust(result: dict, cfg: TrainConfig, args: argparse.Namespace) -> calibration.Trust:
-    """The trained model's validation probabilities -> its Trust, logged: metric `temperature`, `val_ece` and
-    `val_nll` before (`_raw`) and after calibration, the thresholds and what they promise (`trust_*`), a tag
-    `bincounter.calibration` when the defaults were kept, and the validation reliability diagram."""
-    probs, y = result["val_probs"], result["val_labels"]
-    trust = calibration.fit(probs, y, cfg.classes, lambda p: decide(p, cfg.decision), args.calibrate,
-                            args.target_accuracy, args.target_catch)
-    cal = calibration.apply_temperature(probs, trust.temperature)
-    mlflow.log_metrics({"temperature": trust.temperature, "review_confidence": trust.review_confidence,
-                        "check_threshold": trust.check_threshold,
-                        "val_ece_raw": calibration.ece(probs, y), "val_ece": calibration.ece(cal, y),
-                        "val_nll_raw": calibration.nll(probs, y), "val_nll": calibration.nll(cal, y),
-                        **{f"trust_{k}": v for k, v in trust.promise.items() if isinstance(v, float)}})
-    mlflow.log_figure(metrics.plot_reliability(calibration.reliability(probs, y), calibration.reliability(cal, y),
-                                               "validation"), "reliability_val.png")
-    if trust.note:
-        mlflow.set_tag("bincounter.calibration", trust.note)
-        print(f"train: {trust.note}")
-    print(f"train: temperature {trust.temperature:.3f}; {calibration.describe_review(trust)} "
-          f"{calibration.describe_check(trust, trust.check_threshold)}")
-    return trust
-
-
 def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) -> str:
     """Open (or join: MLFLOW_RUN_ID) the train run, train, log curves and the model -> run id. What a local train
     step does after loading its data, and what a SageMaker job does on its channels' data."""
-    with start_step("train", args, run_name("train", {**vars(args), "lr": cfg.lr}), log_system_metrics=True) as run:
+    name = ("refit " if args.refit_of else "") + run_name("train", {**vars(args), "lr": cfg.lr})
+    with start_step("train", args, name, log_system_metrics=True) as run:
         mlflow.log_params(effective_params(cfg))
+        if args.refit_of:
+            mlflow.set_tag("bincounter.refit_of", args.refit_of)
         mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
         mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
         result = train_run(cfg, train_df, val_df, resume=args.resume, val_predictions=True)
         mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
-        log_trained_model(result, cfg, val_df["path"].iloc[0], fit_trust(result, cfg, args))
+        trust = calibration.fit_and_log(result["val_probs"], result["val_labels"], cfg.classes, cfg.decision, args)
+        log_trained_model(result, cfg, val_df["path"].iloc[0], trust)
         print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']} by {cfg.monitor}, "
               f"val_accuracy {result['best']['val_accuracy']:.3f}, val_rmse {result['best']['val_rmse']:.3f}")
         return run.info.run_id

@@ -79,6 +79,7 @@ class TrainConfig:
     backbone_lr: float = 1.0  # the backbone's learning rate as a fraction of the head's (`lr`)
     bn: str = "batch"  # batch: BatchNorm learns the bins' statistics; frozen: keeps the pretrained ones
     trainable_blocks: int = 0  # train only the last N of the arch's blocks (model.Arch.blocks) and the head; 0 = all
+    keep_last: bool = False  # keep the last epoch, not the best by `monitor` (a refit: its epoch count is chosen)
     classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
 
     def validate(self) -> "TrainConfig":
@@ -494,7 +495,7 @@ def train_epochs(fit: Fit) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         if fit.lead:
             print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        if is_better(row[cfg.monitor], fit.best_value, cfg.monitor):
+        if cfg.keep_last or is_better(row[cfg.monitor], fit.best_value, cfg.monitor):
             fit.best_value, fit.best_epoch, fit.bad_epochs = row[cfg.monitor], epoch, 0
             fit.best = {k: v.detach().cpu().clone() for k, v in fit.net.state_dict().items()}
         else:

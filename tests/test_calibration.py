@@ -16,7 +16,6 @@ from helpers_data import make_split_run
 from helpers_model import CLASSES, log_tiny_model, tiny_model  # noqa: F401 (fixture)
 
 from bincounter import calibration
-from bincounter.model import decide
 
 
 def softmax(z):
@@ -62,7 +61,7 @@ def test_too_little_validation_data_keeps_temperature_one_and_says_why():
     probs, _ = overconfident(100, 2.0)
     t, why = calibration.fit_temperature(probs, np.zeros(100, dtype=int))
     assert t == 1.0 and "one count only" in why
-    trust = calibration.fit(*overconfident(20, 2.0), classes=CLASSES, decide=decide)
+    trust = calibration.fit(*overconfident(20, 2.0), classes=CLASSES)
     assert trust.temperature == 1.0 and "left at their defaults" in trust.note
     assert trust.check_threshold == calibration.DEFAULT_CHECK_THRESHOLD and trust.review_confidence == 0
 
@@ -107,7 +106,7 @@ def test_check_figures_treat_every_count_as_a_record():
 
 def test_thresholds_meet_their_targets_on_the_data_they_were_chosen_on():
     probs, y = overconfident(600, 1.0, seed=3)
-    trust = calibration.fit(probs, y, CLASSES, decide, target_accuracy=0.9, target_catch=0.9)
+    trust = calibration.fit(probs, y, CLASSES, target_accuracy=0.9, target_catch=0.9)
     p = trust.promise
     assert p["check_catch_off2"] >= 0.9 and p["kept_accuracy"] >= 0.9 and 0 < p["review_rate"] < 1
     assert trust.config().keys() == {"temperature", "review_confidence", "check_threshold", "promise"}
@@ -116,7 +115,7 @@ def test_thresholds_meet_their_targets_on_the_data_they_were_chosen_on():
     # a threshold other than the model's promises nothing
     assert "Measured" not in calibration.describe_check(trust, 0.5)
     # a target no confidence reaches flags every count
-    trust = calibration.fit(np.full((100, 5), 0.2), np.arange(100) % 5, CLASSES, decide, target_accuracy=0.8)
+    trust = calibration.fit(np.full((100, 5), 0.2), np.arange(100) % 5, CLASSES, target_accuracy=0.8)
     assert trust.promise["review_rate"] == 1 and "every count is flagged" in calibration.describe_review(trust)
 
 
@@ -207,3 +206,102 @@ def test_the_gate_minimises_calibration_error_and_maximises_the_check_auc():
 
     assert lower_is_better("test_ece") and lower_is_better("test_nll") and lower_is_better("test_brier")
     assert not lower_is_better("test_check_auc") and not lower_is_better("test_accuracy")
+
+
+def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path):
+    from bincounter import trainer
+    from steps import train
+
+    split = make_split_run(tmp_path, n=100, size=32)
+    base = ["--split_run_id", split, "--weights=none", "--arch=resnet18", "--image_size=32", "--max_steps=1",
+            "--batch_size=8", "--lr=0.003", "--label_smoothing=0.1"]
+    source = train.main(train.get_args_parser().parse_args([*base, "--epochs=3", "--patience=1"]))
+    best = int(mlflow.get_run(source).data.metrics["best_epoch"])
+    args = train.get_args_parser().parse_args(["--split_run_id", split, "--refit_of", source, "--epochs=9",
+                                               "--calibration_frac=0.5"])
+    run = mlflow.get_run(train.main(args))
+    assert run.data.tags["bincounter.refit_of"] == source and run.info.run_name.startswith("refit train resnet18")
+    p = run.data.params
+    assert (p["epochs"], p["patience"], p["hp_lr"], p["label_smoothing"]) == (str(best), "0", "0.003", "0.1")
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == best
+    rows = {d.dataset.name: json.loads(d.dataset.profile)["num_rows"] for d in run.inputs.dataset_inputs}
+    assert rows == {"train": 60 + 10, "val": 10}  # 20 validation bins: half join training, half calibrate
+    # the refit keeps its last epoch, whatever validation says
+    assert run.data.metrics["best_epoch"] == best
+
+    refuse = lambda **kw: trainer.refit_args(trainer.get_args_parser().parse_args(  # noqa: E731
+        [f"--{k}={v}" for k, v in {"split_run_id": split, **kw}.items()]))
+    with pytest.raises(ValueError, match="is a 'split' run, expected a 'train' run"):
+        refuse(refit_of=split)
+    with pytest.raises(ValueError, match="is itself a refit"):
+        refuse(refit_of=run.info.run_id)
+    with pytest.raises(ValueError, match="refit on the split whose validation chose the settings"):
+        refuse(refit_of=source, split_run_id=make_split_run(tmp_path / "other", n=20, size=32))
+
+
+def test_an_ensemble_averages_calibrated_members_and_serves_like_any_model(tmp_path, tiny_model):
+    import subprocess
+    import sys
+
+    from bincounter import serving
+    from conftest import ROOT
+    from steps import ensemble
+
+    split = make_split_run(tmp_path, n=150, size=32)
+    # a second member with its own input settings: another resolution and temperature
+    with mlflow.start_run() as other:
+        from bincounter.training import TrainConfig
+        from bincounter.trainer import log_trained_model
+
+        cfg = TrainConfig(arch="resnet18", weights="none", image_size=48, classes=CLASSES)
+        log_trained_model({"model": tiny_model.torch_model, "best_epoch": 1}, cfg,
+                          str(next(tiny_model.images.glob("*.jpg"))), calibration.Trust(temperature=2.0))
+    members = f"{tiny_model.run_id},runs:/{other.info.run_id}/model"
+    args = ensemble.get_args_parser().parse_args(["--members", members, "--split_run_id", split])
+    run = mlflow.get_run(ensemble.main(args))
+    assert run.data.tags["bincounter.members"] == f"{tiny_model.run_id},{other.info.run_id}"
+    assert run.data.metrics["members"] == 2 and "temperature" in run.data.metrics
+
+    uri = f"runs:/{run.info.run_id}/model"
+    counter = serving.load(uri)
+    assert isinstance(counter, serving.Ensemble)
+    assert [m["run_id"] for m in counter.config["members"]] == [tiny_model.run_id, other.info.run_id]
+    assert [m.config["image_size"] for m in counter.members] == [32, 48]
+    images = [p.read_bytes() for p in sorted(tiny_model.images.glob("*.jpg"))][:4] + [b"not an image"]
+    probs, errors = counter.probabilities(images)
+    a, _ = serving.load(tiny_model.model_uri).probabilities(images)
+    b, _ = serving.load(f"runs:/{other.info.run_id}/model").probabilities(images)
+    expected = calibration.apply_temperature((a + b) / 2, counter.trust.temperature)
+    assert np.allclose(probs[:4], expected[:4], atol=1e-5) and np.isnan(probs[4]).all()
+    assert errors[:4] == [None] * 4 and errors[4]
+    # a fresh process serves it through the pyfunc, one bad row among good ones
+    code = ("import sys, mlflow, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read(), b'x']})).to_json(orient='records'))")
+    out = subprocess.run([sys.executable, "-c", code, uri, str(next(tiny_model.images.glob("*.jpg")))],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    good, bad = json.loads(out.splitlines()[-1])
+    assert good["count"] in CLASSES and good["error"] is None and bad["count"] is None and bad["error"]
+
+
+def test_an_ensemble_refuses_members_it_cannot_use(tmp_path, tiny_model):
+    from steps import ensemble
+
+    split = make_split_run(tmp_path, n=20, size=32)
+    run = lambda members: ensemble.main(ensemble.get_args_parser().parse_args(  # noqa: E731
+        ["--members", members, "--split_run_id", split]))
+    with pytest.raises(ValueError, match="at least two models"):
+        run(tiny_model.run_id)
+    with pytest.raises(ValueError, match="listed twice"):
+        run(f"{tiny_model.run_id},{tiny_model.model_uri}")
+    with pytest.raises(ValueError, match=f"members: runs:/{split}/model does not load"):
+        run(f"{tiny_model.run_id},{split}")
+    with mlflow.start_run() as three:
+        from bincounter.training import TrainConfig
+        from bincounter.trainer import log_trained_model
+
+        import torchvision
+        net = torchvision.models.resnet18(num_classes=3)
+        log_trained_model({"model": net, "best_epoch": 1}, TrainConfig(arch="resnet18", image_size=32,
+                          classes=[1, 2, 3]), str(next(tiny_model.images.glob("*.jpg"))))
+    with pytest.raises(ValueError, match=r"counts \[1, 2, 3\], but"):
+        run(f"{tiny_model.run_id},{three.info.run_id}")

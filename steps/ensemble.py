@@ -1,0 +1,90 @@
+"""ensemble: several trained bin counters answering as one model, the mean of their calibrated probabilities.
+
+Reads: `members`, comma-separated model URIs (`runs:/<id>/model`, `models:/bin-counter/3`) or train run ids:
+several seeds, the folds of a cross-validation, a refit beside its source; `split_run_id`, whose validation split
+fits the ensemble's own temperature and review/check thresholds, as train does for one model.
+Logs: the pyfunc `model` (members inside, each with its own normalisation, resolution and temperature; its
+config lists the members' URIs and run ids), metrics `members`, `val_accuracy` of the ensemble and of each member
+(`member_<i>_val_accuracy`), what calibration fitted, tag `bincounter.members`. Evaluate, register, serve and
+deploy it as any model.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from bincounter import calibration, serving
+from bincounter.manifest import read_manifest
+from bincounter.model import DECISIONS, decide
+from bincounter.runs import download, finished_run, start_step
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ensemble", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--members", required=True, help="comma-separated model URIs or train run ids (at least two)")
+    p.add_argument("--split_run_id", required=True, help="its validation split calibrates the ensemble")
+    p.add_argument("--decision", default="", choices=["", *DECISIONS], help="empty: the first member's")
+    calibration.add_options(p)
+    return p
+
+
+def member_uris(members: str) -> list[str]:
+    """'a,runs:/b/model' -> ['runs:/a/model', 'runs:/b/model']; at least two, no repeats."""
+    uris = [m if ":/" in m else f"runs:/{m}/model" for m in (x.strip() for x in members.split(",")) if m]
+    if len(uris) < 2:
+        raise ValueError(f"members: an ensemble needs at least two models, got {members!r}")
+    if len(set(uris)) < len(uris):
+        raise ValueError(f"members: a model is listed twice in {members!r}")
+    return uris
+
+
+def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[serving.BinCounter], list[dict]]:
+    """-> (each member's model folder, loaded counter, {uri, run_id}); a member that does not load, or counts
+    other classes than the first, is refused by name."""
+    dirs, counters, sources = [], [], []
+    for i, uri in enumerate(uris):
+        try:
+            d = serving.model_dir(uri, Path(tmp) / f"member{i}")
+            counters.append(serving.BinCounter.from_dir(d))
+            run_id = mlflow.models.get_model_info(uri).run_id
+        except Exception as e:  # any reason a model cannot be had: say which member
+            raise ValueError(f"members: {uri} does not load ({type(e).__name__}: {e})") from None
+        if counters[i].classes != counters[0].classes:
+            raise ValueError(f"members: {uri} counts {counters[i].classes}, but {uris[0]} counts {counters[0].classes}")
+        dirs.append(d)
+        sources.append({"uri": uri, "run_id": run_id})
+    return dirs, counters, sources
+
+
+def main(args: argparse.Namespace) -> str:
+    uris = member_uris(args.members)
+    finished_run(args.split_run_id, "split")
+    with tempfile.TemporaryDirectory() as tmp:
+        val = read_manifest(download(args.split_run_id, "splits/val.csv", tmp))
+        dirs, counters, sources = load_members(uris, tmp)
+        classes = counters[0].classes
+        config = {"classes": classes, "decision": args.decision or counters[0].decision, "members": sources}
+        images = [Path(p).read_bytes() for p in val["path"]]
+        per_member = [m.probabilities(images, list(val["image_id"])) for m in counters]
+        # the ensemble at temperature 1 (Ensemble.probabilities' mean): what calibration is fitted on
+        probs, errors = np.mean([p for p, _ in per_member], axis=0), per_member[0][1]
+        ok = np.array([e is None for e in errors]) & val["count"].isin(classes).to_numpy()
+        y = val["count"].map({c: i for i, c in enumerate(classes)}).to_numpy()[ok]
+        with start_step("ensemble", args, f"ensemble of {len(uris)}") as run:
+            mlflow.set_tag("bincounter.members", ",".join(s["run_id"] for s in sources))
+            accuracy = lambda p: float(np.mean(decide(p[ok], config["decision"]) == y))  # noqa: E731
+            mlflow.log_metrics({"members": len(uris), "val_accuracy": accuracy(probs),
+                                **{f"member_{i}_val_accuracy": accuracy(p) for i, (p, _) in enumerate(per_member)}})
+            trust = calibration.fit_and_log(probs[ok], y, classes, config["decision"], args)
+            serving.log_ensemble(dirs, {**config, **trust.config()}, images[0])
+            print(f"ensemble: run {run.info.run_id}, {len(uris)} members, val_accuracy {accuracy(probs):.3f} "
+                  f"(members {', '.join(f'{accuracy(p):.3f}' for p, _ in per_member)})")
+            return run.info.run_id
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
