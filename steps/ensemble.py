@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from bincounter import calibration, serving
+from bincounter import calibration, entry, serving
 from bincounter.manifest import read_manifest
 from bincounter.model import DECISIONS, decide
 from bincounter.runs import download, finished_run, start_step
@@ -87,4 +87,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())

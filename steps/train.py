@@ -5,6 +5,9 @@ Logs: params (the effective hyperparameters as `hp_*`), per-epoch `train_loss`, 
 `val_accuracy`, `val_rmse`, ... with step=epoch, `learning_curves.png`, `checkpoint/last.pt` after every epoch,
 system metrics, and the best epoch's model (by `monitor`) as the pyfunc `model`.
 Resume: rerun into the same run (`mlflow run ... --run-id <id>`); it continues after the last finished epoch.
+Refit (`refit_of=<train run>`): that run's settings and best epoch count, trained on train + validation with
+`calibration_frac` of the validation split kept back for calibration; tag `bincounter.refit_of`; the test split
+stays untouched, so evaluate it as any train run.
 backend=sagemaker: the same training as a SageMaker training job (bincounter.sagemaker_jobs, docs/sagemaker.md):
 this step opens the run, hands its id to the job, which logs everything above into it; the step waits, prints
 the job's status changes and fails with the job's FailureReason. Tags `bincounter.sagemaker_job`,
@@ -28,8 +31,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         classes, train_df, val_df = trainer.load_split(args.split_run_id, tmp)
+        if args.refit_of:  # the settings and epoch count another run chose on validation, on more bins
+            args = trainer.refit_args(args)
+            train_df, val_df = trainer.refit_data(train_df, val_df, args.calibration_frac, args.seed)
         hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
-        cfg = trainer.config_from(args, classes, hpo)  # bad parameters fail here, before a run is opened
+        cfg = trainer.config_from(args, classes, hpo, keep_last=bool(args.refit_of))  # bad parameters fail here
         if args.backend != "sagemaker":
             return trainer.fit_and_log(args, cfg, train_df, val_df)
         from bincounter import sagemaker_jobs
