@@ -1,6 +1,8 @@
 """Hyperparameter search: hyperopt TPE over SEARCH_SPACE, one nested MLflow child run per trial.
 
-`search` runs inside the active (parent) MLflow run. Each trial trains with `training.train_run` (the train
+`search` runs inside the active (parent) MLflow run, in phases as training.train_run does: `setup_search` (options,
+the trials' data -> a `Search`), `restore_search` (the finished trials of an interrupted search),
+`run_local_trials` or `run_parallel_trials`, `finish_search` (the best trial). Each trial trains with `training.train_run` (the train
 step's own fit loop, without checkpoints) on a stratified subset of the train split and is scored on the
 validation split only. A trial that raises (NaN loss, out of memory, ...) becomes a FAILED child run with the
 tag `bincounter.failure_reason`, counts as hyperopt STATUS_FAIL (never the best) and the search goes on.
@@ -28,6 +30,7 @@ import gc
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable
 
 import matplotlib
@@ -60,6 +63,7 @@ SEARCH_SPACE = {
     "freeze_epochs": {"choice": [0, 1]},  # head alone first (no effect beside freeze=True)
     "backbone_lr": {"choice": [0.1, 0.3, 1.0]},  # the backbone's lr as a fraction of the head's
     "bn": {"choice": ["batch", "frozen"]},
+    "trainable_blocks": {"choice": [0, 2, 3]},  # 0: all; else the last N blocks (valid for every arch)
 }
 assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
 
@@ -68,14 +72,15 @@ MIN_STEPS = 10  # training steps per epoch that a batch size must leave (space_f
 
 
 def space_for(weights: str, train_size: int | None = None, epochs: int = 1) -> dict:
-    """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, in whole or
-    for a while, nor its statistics kept, trains at one rate, and not at rates above 1e-2 (from scratch they
+    """SEARCH_SPACE narrowed to what can work: a random backbone (weights=none) is never frozen, in whole, in
+    part or for a while, nor its statistics kept, trains at one rate, and not at rates above 1e-2 (from scratch they
     diverge); head-first training needs at least 2 epochs; a batch size that leaves fewer than MIN_STEPS steps
     per epoch is dropped (a few steps per epoch learn nothing in a short training), keeping the smallest."""
     space = dict(SEARCH_SPACE)
     if weights == "none":
         space.update(freeze={"choice": [False]}, freeze_epochs={"choice": [0]}, backbone_lr={"choice": [1.0]},
-                     bn={"choice": ["batch"]}, lr={"loguniform": [SEARCH_SPACE["lr"]["loguniform"][0], 1e-2]})
+                     bn={"choice": ["batch"]}, trainable_blocks={"choice": [0]},
+                     lr={"loguniform": [SEARCH_SPACE["lr"]["loguniform"][0], 1e-2]})
     if epochs < 2:
         space["freeze_epochs"] = {"choice": [0]}
     if train_size is not None:
@@ -279,11 +284,154 @@ def plot_trials(records: list[dict], metric: str, mode: str):
     return fig
 
 
+@dataclass
+class Search:
+    """One search in progress: what `setup_search` builds, `restore_search` fills with the finished trials,
+    `run_local_trials` / `run_parallel_trials` advance and `finish_search` reports (as training's Fit)."""
+    make_config: Callable[[dict], TrainConfig]
+    sub: pd.DataFrame  # the trials' training rows (train_subset)
+    val_df: pd.DataFrame
+    metric: str
+    mode: str  # the metric's direction
+    max_evals: int
+    seed: int
+    space: dict
+    settings: dict  # what decides the trials; a resumed run must have the same
+    parallel: int
+    trial_runner: Callable[[int, dict, str], float] | None
+    parent_id: str
+    experiment_id: str
+    records: list[dict] = field(default_factory=list)  # the finished trials, in order
+
+    def save(self) -> None:
+        mlflow.log_text(json.dumps({"search": self.settings, "trials": self.records}, indent=2), TRIALS_FILE)
+
+    def record(self, number: int, params: dict, out: dict) -> float | None:
+        """Append a finished trial, save trials.json, log and print it -> its hyperopt loss (None: failed)."""
+        metric, mode = self.metric, self.mode
+        loss = _objective(out["value"], mode) if out["status"] == STATUS_OK else None
+        self.records.append({"number": number, "run_id": out["run_id"], "status": out["status"], "params": params,
+                             "vals": to_vals(params, self.space), "value": out["value"], "loss": loss,
+                             "reason": out["reason"]})
+        self.save()
+        if out["status"] == STATUS_OK:
+            mlflow.log_metric(f"trial_{metric}", out["value"], step=number)
+        ok = [r["value"] for r in self.records if r["status"] == STATUS_OK]
+        best = f"{(min if mode == 'min' else max)(ok):.4g}" if ok else "none yet"
+        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        result = f"{metric}={out['value']:.4g}" if out["status"] == STATUS_OK else f"FAILED ({out['reason'][:120]})"
+        print(f"hpo: trial {number}/{self.max_evals} {shown} -> {result}; best {best}", flush=True)
+        return loss
+
+    def rstate(self) -> np.random.Generator:
+        """The random generator as fmin leaves it after the finished trials (one integer drawn per trial)."""
+        rstate = np.random.default_rng(self.seed)
+        for _ in self.records:
+            rstate.integers(2**31 - 1)
+        return rstate
+
+
+def setup_search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, val_df: pd.DataFrame, *,
+                 metric: str, max_evals: int, subset: float, seed: int, settings: dict | None, space: dict,
+                 parallel: int, trial_runner: Callable[[int, dict, str], float] | None) -> Search:
+    """Check the options, take the trials' training rows and the settings that decide the trials -> a Search
+    with no trials, in the active (parent) run."""
+    mode = check_options(metric, max_evals, subset)
+    if parallel < 1 or (parallel > 1 and trial_runner is None):
+        raise ValueError(f"parallel trials ({parallel}) need at least 1, and more than 1 a trial runner "
+                         "(backend=sagemaker)")
+    parent = mlflow.active_run()
+    settings = json.loads(json.dumps({**(settings or {}), "metric": metric, "max_evals": max_evals,
+                                      "subset": subset, "seed": seed, "space": space,
+                                      "startup_trials": STARTUP_TRIALS,
+                                      **({"parallel": parallel} if parallel > 1 else {})}))
+    return Search(make_config=make_config, sub=train_subset(train_df, subset, seed), val_df=val_df, metric=metric,
+                  mode=mode, max_evals=max_evals, seed=seed, space=space, settings=settings, parallel=parallel,
+                  trial_runner=trial_runner, parent_id=parent.info.run_id, experiment_id=parent.info.experiment_id)
+
+
+def restore_search(s: Search) -> None:
+    """Take the finished trials of the parent's trials.json (refusing one made with other settings), save it
+    (before the first trial too, so that a rerun with other settings is refused even then), mark the children
+    it does not hold KILLED, and log the space and the training size."""
+    saved = load_trials(s.parent_id)
+    if saved and saved["search"] != s.settings:
+        diff = sorted(k for k in set(s.settings) | set(saved["search"])
+                      if s.settings.get(k) != saved["search"].get(k))
+        raise ValueError(f"run {s.parent_id} holds a search with other settings ({', '.join(diff)}): rerun it "
+                         "with the same parameters, or start a new run")
+    s.records = saved["trials"] if saved else []
+    s.save()
+    _mark_stale_children(s.parent_id, s.experiment_id, {r["run_id"] for r in s.records})
+    mlflow.log_text(json.dumps({"space": s.space, "algorithm": "tpe", "startup_trials": STARTUP_TRIALS},
+                               indent=2), "search_space.json")
+    mlflow.log_metric("train_size", len(s.sub))
+    if s.records:
+        print(f"hpo: resuming run {s.parent_id}: {len(s.records)} of {s.max_evals} trials done")
+    else:
+        print(f"hpo: run {s.parent_id}; after an interruption resume with `mlflow run . -e hpo --run-id "
+              f"{s.parent_id}` and the same parameters")
+
+
+def run_local_trials(s: Search) -> None:
+    """The remaining trials one after another through hyperopt's fmin (each trained here, or by the trial
+    runner when there is one)."""
+    if len(s.records) >= s.max_evals:
+        return
+
+    def objective(draw: dict) -> dict:
+        number = len(s.records) + 1
+        params = to_params(to_vals(draw, s.space), s.space)  # plain Python types, validated against the space
+        if s.trial_runner:
+            out = run_remote_trial(number, params, s.trial_runner, s.parent_id, s.experiment_id)
+        else:
+            out = run_trial(number, params, s.make_config, s.sub, s.val_df, s.metric)
+        loss = s.record(number, params, out)
+        return {"status": out["status"], "loss": loss} if out["status"] == STATUS_OK else {"status": STATUS_FAIL}
+
+    try:
+        fmin(objective, hyperopt_space(s.space), algo=partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS),
+             max_evals=s.max_evals, trials=rebuild_trials(s.records), rstate=s.rstate(), show_progressbar=False)
+    except AllTrialsFailed:  # raised after the last trial; finish_search reports it with the reasons
+        pass
+
+
+def run_parallel_trials(s: Search) -> None:
+    """The remaining trials in batches of `parallel`, each batch's trials at once in threads (trial runner)."""
+    rstate = s.rstate()
+    with ThreadPoolExecutor(s.parallel, thread_name_prefix="hpo-trial") as pool:
+        while len(s.records) < s.max_evals:
+            first = len(s.records) + 1
+            batch = suggest_batch(s.records, s.space, min(s.parallel, s.max_evals - len(s.records)), rstate)
+            futures = [pool.submit(run_remote_trial, first + i, params, s.trial_runner, s.parent_id,
+                                   s.experiment_id) for i, params in enumerate(batch)]
+            outs = [f.result() for f in futures]  # a batch is recorded whole: a resume reruns a cut one
+            for i, (params, out) in enumerate(zip(batch, outs)):
+                s.record(first + i, params, out)
+
+
+def finish_search(s: Search) -> dict:
+    """Plot the trials; log the best trial's `best_<tunable>` params, `best_<metric>` and tag `best_run_id`
+    -> {"params", "value", "run_id", "trials"}. RuntimeError when every trial failed."""
+    mlflow.log_figure(plot_trials(s.records, s.metric, s.mode), "trials.png")
+    plt.close("all")
+    ok = [r for r in s.records if r["status"] == STATUS_OK]
+    if not ok:
+        raise RuntimeError(f"all {len(s.records)} trials failed; see the child runs' bincounter.failure_reason "
+                           f"(first: {s.records[0]['reason'] if s.records else 'none'})")
+    best = min(ok, key=lambda r: r["loss"])
+    mlflow.log_params({f"best_{k}": v for k, v in best["params"].items()})
+    mlflow.log_metric(f"best_{s.metric}", best["value"])
+    mlflow.set_tag("best_run_id", best["run_id"])
+    print(f"hpo: best trial {best['number']} (run {best['run_id']}) {s.metric}={best['value']:.4g} {best['params']}")
+    return {"params": best["params"], "value": best["value"], "run_id": best["run_id"], "trials": s.records}
+
+
 def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, val_df: pd.DataFrame, *,
            metric: str = TrainConfig.monitor, max_evals: int = 8, subset: float = 1.0, seed: int = 42,
            settings: dict | None = None, space: dict = SEARCH_SPACE, parallel: int = 1,
            trial_runner: Callable[[int, dict, str], float] | None = None) -> dict:
-    """Run (or resume) the search in the active MLflow run.
+    """Run (or resume) the search in the active MLflow run: setup, restore, run the trials, finish.
 
     make_config(draws) -> the TrainConfig of a trial (fixed settings + the drawn tunables).
     settings: everything that decides the trials (the step's parameters); a resumed run must have the same.
@@ -292,93 +440,11 @@ def search(make_config: Callable[[dict], TrainConfig], train_df: pd.DataFrame, v
     parallel: how many such trials run at once (see the module's doc).
     -> {"params": best tunables, "value": best metric value, "run_id": best child run, "trials": records}.
     """
-    mode = check_options(metric, max_evals, subset)
-    if parallel < 1 or (parallel > 1 and trial_runner is None):
-        raise ValueError(f"parallel trials ({parallel}) need at least 1, and more than 1 a trial runner "
-                         "(backend=sagemaker)")
-    parent = mlflow.active_run()
-    parent_id = parent.info.run_id
-    sub = train_subset(train_df, subset, seed)
-    settings = json.loads(json.dumps({**(settings or {}), "metric": metric, "max_evals": max_evals,
-                                      "subset": subset, "seed": seed, "space": space,
-                                      "startup_trials": STARTUP_TRIALS,
-                                      **({"parallel": parallel} if parallel > 1 else {})}))
-
-    saved = load_trials(parent_id)
-    if saved and saved["search"] != settings:
-        diff = sorted(k for k in set(settings) | set(saved["search"]) if settings.get(k) != saved["search"].get(k))
-        raise ValueError(f"run {parent_id} holds a search with other settings ({', '.join(diff)}): rerun it with "
-                         "the same parameters, or start a new run")
-    records: list[dict] = saved["trials"] if saved else []
-
-    def save() -> None:  # written before the first trial too: a rerun with other settings is refused even then
-        mlflow.log_text(json.dumps({"search": settings, "trials": records}, indent=2), TRIALS_FILE)
-
-    save()
-    _mark_stale_children(parent_id, parent.info.experiment_id, {r["run_id"] for r in records})
-    mlflow.log_text(json.dumps({"space": space, "algorithm": "tpe", "startup_trials": STARTUP_TRIALS},
-                               indent=2), "search_space.json")
-    mlflow.log_metric("train_size", len(sub))
-    if records:
-        print(f"hpo: resuming run {parent_id}: {len(records)} of {max_evals} trials done")
-    else:
-        print(f"hpo: run {parent_id}; after an interruption resume with `mlflow run . -e hpo --run-id {parent_id}` "
-              "and the same parameters")
-
-    def record(number: int, params: dict, out: dict) -> float | None:
-        loss = _objective(out["value"], mode) if out["status"] == STATUS_OK else None
-        records.append({"number": number, "run_id": out["run_id"], "status": out["status"], "params": params,
-                        "vals": to_vals(params, space), "value": out["value"], "loss": loss, "reason": out["reason"]})
-        save()
-        if out["status"] == STATUS_OK:
-            mlflow.log_metric(f"trial_{metric}", out["value"], step=number)
-        ok = [r["value"] for r in records if r["status"] == STATUS_OK]
-        best = f"{(min if mode == 'min' else max)(ok):.4g}" if ok else "none yet"
-        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-        result = f"{metric}={out['value']:.4g}" if out["status"] == STATUS_OK else f"FAILED ({out['reason'][:120]})"
-        print(f"hpo: trial {number}/{max_evals} {shown} -> {result}; best {best}", flush=True)
-        return loss
-
-    def objective(draw: dict) -> dict:
-        number = len(records) + 1
-        params = to_params(to_vals(draw, space), space)  # plain Python types, validated against the space
-        if trial_runner:
-            out = run_remote_trial(number, params, trial_runner, parent_id, parent.info.experiment_id)
-        else:
-            out = run_trial(number, params, make_config, sub, val_df, metric)
-        loss = record(number, params, out)
-        return {"status": out["status"], "loss": loss} if out["status"] == STATUS_OK else {"status": STATUS_FAIL}
-
-    rstate = np.random.default_rng(seed)
-    for _ in records:  # fmin draws one integer per suggested trial: skip those of the finished trials
-        rstate.integers(2**31 - 1)
+    s = setup_search(make_config, train_df, val_df, metric=metric, max_evals=max_evals, subset=subset, seed=seed,
+                     settings=settings, space=space, parallel=parallel, trial_runner=trial_runner)
+    restore_search(s)
     if parallel > 1:
-        with ThreadPoolExecutor(parallel, thread_name_prefix="hpo-trial") as pool:
-            while len(records) < max_evals:
-                first = len(records) + 1
-                batch = suggest_batch(records, space, min(parallel, max_evals - len(records)), rstate)
-                futures = [pool.submit(run_remote_trial, first + i, params, trial_runner, parent_id,
-                                       parent.info.experiment_id) for i, params in enumerate(batch)]
-                outs = [f.result() for f in futures]  # a batch is recorded whole: a resume reruns a cut one
-                for i, (params, out) in enumerate(zip(batch, outs)):
-                    record(first + i, params, out)
-    elif len(records) < max_evals:
-        try:
-            fmin(objective, hyperopt_space(space), algo=partial(tpe.suggest, n_startup_jobs=STARTUP_TRIALS),
-                 max_evals=max_evals, trials=rebuild_trials(records), rstate=rstate, show_progressbar=False)
-        except AllTrialsFailed:  # raised after the last trial; reported below with the reasons
-            pass
-
-    mlflow.log_figure(plot_trials(records, metric, mode), "trials.png")
-    plt.close("all")
-    ok = [r for r in records if r["status"] == STATUS_OK]
-    if not ok:
-        raise RuntimeError(f"all {len(records)} trials failed; see the child runs' bincounter.failure_reason "
-                           f"(first: {records[0]['reason'] if records else 'none'})")
-    best = min(ok, key=lambda r: r["loss"])
-    mlflow.log_params({f"best_{k}": v for k, v in best["params"].items()})
-    mlflow.log_metric(f"best_{metric}", best["value"])
-    mlflow.set_tag("best_run_id", best["run_id"])
-    print(f"hpo: best trial {best['number']} (run {best['run_id']}) {metric}={best['value']:.4g} {best['params']}")
-    return {"params": best["params"], "value": best["value"], "run_id": best["run_id"], "trials": records}
-
+        run_parallel_trials(s)
+    else:
+        run_local_trials(s)
+    return finish_search(s)

@@ -38,13 +38,15 @@ class WeightsUnavailable(RuntimeError):
 class Arch:
     """One architecture: `build()` -> a randomly initialised network with its 1000-class ImageNet head, the
     name of that head (an nn.Linear attribute), `imagenet(network)` -> its ImageNet state dict in that
-    network's keys, its input, and the PyPI packages a served model of it needs beside torch."""
+    network's keys, its input, the backbone's blocks in forward order (each the module names it is made of;
+    `trainable_blocks` trains the last ones), and the PyPI packages a served model of it needs beside torch."""
     build: Callable[[], nn.Module]
     head: str
     imagenet: Callable[[nn.Module], dict]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     size: int  # native resolution (what the ImageNet weights were trained at)
+    blocks: tuple[tuple[str, ...], ...]
     requires: tuple[str, ...] = ()
 
 
@@ -107,16 +109,21 @@ def map_state(source: dict, target: dict, name: str) -> dict:
     return out
 
 
+# the backbones' blocks, stem excluded (it trains only with trainable_blocks=0): a ResNet's four stages; an
+# EfficientNet-Lite's seven stages, the last with the 1x1 head convolution and its BatchNorm
+RESNET_BLOCKS = (("layer1",), ("layer2",), ("layer3",), ("layer4",))
+LITE_BLOCKS = tuple((f"blocks.{i}",) for i in range(6)) + (("blocks.6", "conv_head", "bn2"),)
+
 ARCHS: dict[str, Arch] = {
     "resnet18": Arch(models.resnet18, "fc", _torchvision_state("resnet18", models.ResNet18_Weights.IMAGENET1K_V1),
-                     IMAGENET_MEAN, IMAGENET_STD, 224),
+                     IMAGENET_MEAN, IMAGENET_STD, 224, RESNET_BLOCKS),
     "resnet34": Arch(models.resnet34, "fc", _torchvision_state("resnet34", models.ResNet34_Weights.IMAGENET1K_V1),
-                     IMAGENET_MEAN, IMAGENET_STD, 224),
+                     IMAGENET_MEAN, IMAGENET_STD, 224, RESNET_BLOCKS),
     "resnet50": Arch(models.resnet50, "fc", _torchvision_state("resnet50", models.ResNet50_Weights.IMAGENET1K_V2),
-                     IMAGENET_MEAN, IMAGENET_STD, 224),
+                     IMAGENET_MEAN, IMAGENET_STD, 224, RESNET_BLOCKS),
     # the TF models take (x - 127) / 128 of 0..255 pixels (timm's pretrained_cfg: mean = std = 0.5)
     **{f"efficientnet_lite{n}": Arch(_timm(f"tf_efficientnet_lite{n}"), "classifier", _lite_state(n),
-                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size, requires=("timm",))
+                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size, LITE_BLOCKS, requires=("timm",))
        for n, size in ((0, 224), (1, 240), (2, 260))},
 }
 
@@ -196,6 +203,16 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: bool
 def is_head(arch: str, param_name: str) -> bool:
     """Whether a parameter (a `named_parameters` name) belongs to the classifier head of `arch`."""
     return param_name.startswith(get_arch(arch).head + ".")
+
+
+def trains(arch: str, name: str, trainable_blocks: int = 0) -> bool:
+    """Whether the parameter or module `name` of `arch` learns with `trainable_blocks`: the head always; with
+    0 everything; else only the last `trainable_blocks` of the arch's blocks besides the head."""
+    spec = get_arch(arch)
+    if not trainable_blocks or name == spec.head or is_head(arch, name):
+        return True
+    roots = [m for block in spec.blocks[-trainable_blocks:] for m in block]
+    return any(name == m or name.startswith(m + ".") for m in roots)
 
 
 def probabilities(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:

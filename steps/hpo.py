@@ -1,5 +1,6 @@
 """hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer, freeze and the transfer levers
-freeze_epochs, backbone_lr, bn (bincounter.hpo.SEARCH_SPACE, narrowed by space_for).
+freeze_epochs, backbone_lr, bn, trainable_blocks (bincounter.hpo.SEARCH_SPACE, narrowed by space_for). Every
+trial trains with the same levers for few images (label_smoothing, augment, warmup_epochs, tta, decision, ...).
 
 Reads: a FINISHED split run's `splits/train.csv` (a stratified `subset` of it per trial), `splits/val.csv` (the
 selection metric) and `classes`; never the test split.
@@ -35,6 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=TrainConfig.monitor,
                    help=f"selection metric, one of {', '.join(MONITORS)}; each trial also keeps its best epoch by it")
     trainer.add_model_options(p)  # the train step's, passed through to every trial
+    trainer.add_lever_options(p)
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="sagemaker: every trial is a SageMaker training job (docs/sagemaker.md)")
     p.add_argument("--parallel_trials", type=whole, default=1, help="trials at once; more than 1 needs backend=sagemaker")
@@ -43,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # the train step's parameters that every trial takes from this step
-FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "data_path", "seed")
+FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "data_path", "seed",
+         "ordinal_weight", "label_smoothing", "balanced", "augment", "warmup_epochs", "tta", "decision")
 NOT_SETTINGS = ("workers", "parallel_trials", *trainer.SAGEMAKER_OPTS)
 
 

