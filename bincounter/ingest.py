@@ -5,14 +5,16 @@ The cache (`cache_dir`, `data/` by default) is content-addressed and shared by a
   records/<source tag>-<size>/<image_id>.json  the image's manifest row, its metadata count and the cached file's
                                                own sha256, written (atomically) after the cached file
 A record whose cached file is present and intact means "done": a rerun fetches nothing for that image, and a
-run killed at any moment resumes where it stopped. Bad items become rejects (a reason code and a message);
-they never stop the run.
+run killed at any moment resumes where it stopped; the temporary files such a run leaves (`.<name>.<random>.tmp`
+beside the files being written) are removed by the next run. Bad items become rejects (a reason code and a
+message); they never stop the run.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -58,6 +60,19 @@ class Cache:
 
     def record_path(self, image_id: str) -> Path:
         return self.records / f"{image_id}.json"
+
+    def remove_temporary(self, before: float) -> int:
+        """Remove the temporary files (manifest.atomic_write_bytes') last written before `before` (a time.time()):
+        what a killed run left; a run going on now writes younger ones. -> how many were removed."""
+        removed = 0
+        for tmp in [*self.root.glob("images/*/.*.tmp"), *self.root.glob("records/*/.*.tmp")]:
+            try:
+                if tmp.stat().st_mtime < before:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer finished (or another run removed it) meanwhile
+                pass
+        return removed
 
     def read_record(self, image_id: str) -> dict | None:
         """The image's record, or None when there is none or it is unreadable or incomplete."""
@@ -123,25 +138,28 @@ class _Worker:
         self.cache = cache
         self.count_range = count_range
 
-    def __call__(self, image_id: str, listed: int | None) -> tuple[dict | None, Reject | None, int, bool]:
-        """-> (manifest row or None, Reject or None, objects fetched, whether the cache answered)."""
-        fetched = 0
+    def __call__(self, image_id: str, listed: int | None) -> tuple[dict | None, Reject | None, str, bool]:
+        """-> (manifest row or None, Reject or None, where the image came from: `cache_hits`, `downloaded` or
+        `not_downloaded` (rejected before its bytes came), whether its metadata was fetched)."""
+        got_metadata = False
         try:
             rec = self.cache.read_record(image_id)
             if rec is not None:  # the record remembers the metadata: no need to fetch it again
                 metadata_count = rec["metadata_count"]
             else:
                 raw = self._metadata(image_id)
-                fetched += raw is not None
+                got_metadata = raw is not None
                 metadata_count = None if raw is None else self._parse(raw, image_id)
             count = self._count(image_id, listed, metadata_count)
             if rec is not None and rec["count"] == count and self.cache.intact(rec):
-                return self.cache.row(rec), None, fetched, True
+                return self.cache.row(rec), None, "cache_hits", got_metadata
             data = self._image(image_id)
-            fetched += 1
-            return self._store(image_id, count, data, metadata_count), None, fetched, False
         except Reject as r:
-            return None, r, fetched, False
+            return None, r, "not_downloaded", got_metadata
+        try:
+            return self._store(image_id, count, data, metadata_count), None, "downloaded", got_metadata
+        except Reject as r:
+            return None, r, "downloaded", got_metadata
 
     def _count(self, image_id: str, listed: int | None, metadata_count: int | None) -> int:
         count = resolve_count(image_id, listed, metadata_count, self.source.where(abid.metadata_key(image_id)))
@@ -188,19 +206,23 @@ def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_si
     """{image_id: count from the file list, or None} and a source -> (manifest, rejects, stats).
 
     Both tables are sorted by image_id. stats: ingested, rejected, rejected_<reason> for every reason,
-    count_<c> for every count in the range, downloaded (objects read from the source this run: images and
-    metadata; drawn images for the synthetic source) and cache_hits."""
+    count_<c> for every count in the range; where each listed image came from, adding up to the number listed:
+    cache_hits (answered by the cache), downloaded (its bytes read from the source this run; drawn, for the
+    synthetic source), not_downloaded (rejected before that: metadata, count, a missing object); beside them
+    metadata_downloaded (metadata objects read) and temp_files_removed (left by a killed run)."""
+    started = time.time()
     cache = Cache(cache_dir, image_size, source.tag)
     work = _Worker(source, cache, count_range)
     rows, rejects = [], []
-    stats = {"downloaded": 0, "cache_hits": 0}
+    stats = {"cache_hits": 0, "downloaded": 0, "not_downloaded": 0, "metadata_downloaded": 0,
+             "temp_files_removed": cache.remove_temporary(started)}
     with ThreadPoolExecutor(workers) as ex, tqdm(total=len(items), desc=f"ingest {source.tag}", unit="img",
                                                  disable=not progress) as bar:
         futures = {ex.submit(work, image_id, listed): image_id for image_id, listed in items.items()}
         for f in as_completed(futures):
-            row, reject, fetched, hit = f.result()
-            stats["downloaded"] += fetched
-            stats["cache_hits"] += hit
+            row, reject, came_from, got_metadata = f.result()
+            stats[came_from] += 1
+            stats["metadata_downloaded"] += got_metadata
             if row is not None:
                 rows.append(row)
             else:

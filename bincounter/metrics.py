@@ -96,17 +96,21 @@ def plot_histogram(counts_by_split: dict[str, pd.Series], title: str = "Images p
 
 
 def plot_samples(paths: list[str], captions: list[str], colors: list[str], cols: int = 6, title: str = ""):
-    """A grid of images with a coloured caption under each (green right, red wrong)."""
-    from PIL import Image
+    """A grid of images with a coloured caption under each (green right, red wrong). Images are read with the
+    one decoder (transforms.read_image) and its limits; one that fails shows its reason in its cell."""
+    from bincounter.transforms import ImageError, read_image
 
     rows = max(1, -(-len(paths) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, path, cap, col in zip(axes.flat, paths, captions, colors):
-        with Image.open(path) as img:
+        try:
+            img = read_image(path)
             img.thumbnail((160, 160))
             ax.imshow(img)
+        except ImageError as e:
+            ax.text(0.5, 0.5, str(e), ha="center", va="center", wrap=True, fontsize=6, transform=ax.transAxes)
         ax.set_title(cap, fontsize=8, color=col)
     if title:
         fig.suptitle(title)

@@ -4,8 +4,9 @@ Reads: `file_list.json` (any source but synthetic; `--file_list all` takes every
 count its metadata or its labels.csv knows) and the images from `--source` s3 | local | synthetic.
 Logs: `manifest.csv` (image_id, count, path, sha256, width, height, source), `rejects.csv` (image_id, reason,
 detail), `samples.png` (a contact sheet of ingested images with their counts), the manifest as the run's
-dataset input (context `ingest`), metrics ingested, rejected, rejected_<reason>, count_<c>, downloaded,
-cache_hits. Images live in the cache (`--cache_dir`), see bincounter.ingest.
+dataset input (context `ingest`), metrics ingested, rejected, rejected_<reason>, count_<c>, cache_hits +
+downloaded + not_downloaded (images: they add up to the number listed), metadata_downloaded, temp_files_removed.
+Images live in the cache (`--cache_dir`), see bincounter.ingest.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from bincounter.ingest import ingest
 from bincounter.manifest import write_csv
 from bincounter.runs import download_uri, start_step, whole
 from bincounter.sources import LocalSource, S3Source, SyntheticSource
+from bincounter.transforms import read_image
 
 SOURCES = ("s3", "local", "synthetic")
 SAMPLES = 24  # images on the contact sheet
@@ -114,10 +116,7 @@ def contact_sheet(manifest, n: int = SAMPLES) -> Image.Image:
     """Up to `n` ingested images, spread over the counts (lowest to highest), captioned with their count."""
     rows = manifest.sort_values(["count", "image_id"], ignore_index=True)
     picks = rows.iloc[np.unique(np.linspace(0, len(rows) - 1, min(n, len(rows))).round().astype(int))]
-    images = []
-    for path in picks["path"]:
-        with Image.open(path) as img:
-            images.append(img.convert("RGB"))
+    images = [read_image(path) for path in picks["path"]]  # the one decoder, its limits included
     return synthetic.contact_sheet(images, [f"n={c} {i}" for i, c in zip(picks["image_id"], picks["count"])])
 
 
@@ -150,7 +149,8 @@ def main(args: argparse.Namespace):
             mlflow.log_input(ds, context="ingest")
         mlflow.log_image(contact_sheet(manifest), "samples.png")
     print(f"ingest: {stats['ingested']} images ingested, {stats['rejected']} rejected; "
-          f"downloaded {stats['downloaded']} objects, {stats['cache_hits']} cache hits; "
+          f"images: {stats['cache_hits']} from the cache, {stats['downloaded']} downloaded, "
+          f"{stats['not_downloaded']} rejected before download; {stats['metadata_downloaded']} metadata files; "
           f"cache {Path(args.cache_dir).resolve()}")
     return manifest, rejects, stats
 

@@ -82,3 +82,22 @@ def test_the_open_run_ends_failed_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setenv(entry.TRACEBACK_ENV, "1")
     with pytest.raises(ValueError, match="threshold must be between 0 and 1"):  # asked for: every traceback
         entry.run(fails_in_a_run, parser, ["--threshold", "2"])
+
+
+def test_the_samples_sheet_reads_images_with_the_one_decoder(tmp_path):
+    """A decompression bomb and a text file among the samples: refused by transforms' limits, each shown with
+    its reason, never decoded and never stopping the sheet."""
+    from test_serving import png_bomb
+
+    from bincounter import metrics
+    from bincounter.synthetic import draw_bin
+
+    good, bomb, text = tmp_path / "good.jpg", tmp_path / "bomb.png", tmp_path / "notes.jpg"
+    draw_bin(2, 0, 48).save(good)
+    bomb.write_bytes(png_bomb())
+    text.write_text("not a photo")
+    fig = metrics.plot_samples([str(good), str(bomb), str(text)], ["n=2", "n=3", "n=4"], ["green", "red", "red"])
+    cells = fig.axes[:3]
+    assert [len(ax.images) for ax in cells] == [1, 0, 0]
+    assert "decompression bomb" in cells[1].texts[0].get_text() and str(bomb) in cells[1].texts[0].get_text()
+    assert "not an image" in cells[2].texts[0].get_text()

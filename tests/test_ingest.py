@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import signal
 import subprocess
@@ -122,6 +123,25 @@ def test_synthetic_rerun_and_damaged_cache(tmp_path):
     m4, r4, s4 = ingest(items, source, tmp_path, 48, (2, 3), workers=3, progress=False)
     assert s4["downloaded"] == 0 and set(m4["count"]) == {2, 3}
     assert set(r4["reason"]) == {"count_out_of_range"} and len(m4) + len(r4) == 12
+    for s in (s1, s2, s3, s4):  # where each image came from adds up to the images listed
+        assert s["cache_hits"] + s["downloaded"] + s["not_downloaded"] == 12
+
+
+def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
+    """`.<name>.<random>.tmp` files older than the run go; a younger one (a run writing now) stays."""
+    source = SyntheticSource(6, 1, 5, seed=0, size=48)
+    m, _, _ = ingest(dict(source.labels), source, tmp_path, 48, (1, 5), workers=2, progress=False)
+    image_dir, record_dir = Path(m.path[0]).parent, tmp_path / "records" / "synthetic-0-48"
+    old = [image_dir / f".{Path(m.path[0]).name}.k1ll3d.tmp", record_dir / f".{m.image_id[0]}.json.k1ll3d.tmp"]
+    young = image_dir / f".{Path(m.path[1]).name}.wr1t1n.tmp"
+    for f in (*old, young):
+        f.write_bytes(b"")
+    for f in old:
+        os.utime(f, (time.time() - 3600,) * 2)
+    os.utime(young, (time.time() + 3600,) * 2)  # written after the next run starts
+    _, _, stats = ingest(dict(source.labels), source, tmp_path, 48, (1, 5), workers=2, progress=False)
+    assert stats["temp_files_removed"] == 2 and not any(f.exists() for f in old) and young.exists()
+    assert stats["cache_hits"] == 6
 
 
 # --- every kind of bad item ----------------------------------------------------------------------------------
@@ -198,6 +218,10 @@ def test_bad_items_are_rejected_and_the_run_succeeds(source, tmp_path):
     assert metrics["ingested"] == len(GOOD) and metrics["rejected"] == len(BAD)
     assert metrics["rejected_corrupt_image"] == 2 and metrics["rejected_not_an_image"] == 2
     assert metrics["rejected_bad_metadata"] == 3 and metrics["rejected_missing_image"] == 1
+    # every listed image once: the 6 good and 4 bad images whose bytes came; 6 rejected before (metadata, count,
+    # missing object)
+    assert (metrics["downloaded"], metrics["not_downloaded"], metrics["cache_hits"]) == (10, 6, 0)
+    assert metrics["metadata_downloaded"] == 10
     assert metrics["count_2"] == 2 and metrics["count_4"] == 1
 
 
@@ -265,7 +289,8 @@ def test_s3_sample_counts_and_rerun_from_cache(sample_bucket, tmp_path):
     first = last_run("ingest")
     m1 = read_manifest(artifact(first, "manifest.csv"))
     check_manifest(m1, expected, bucket, tmp_path / "cache")
-    assert first.data.metrics["downloaded"] == n + n_meta and first.data.metrics["cache_hits"] == 0
+    assert first.data.metrics["downloaded"] == n and first.data.metrics["cache_hits"] == 0
+    assert first.data.metrics["metadata_downloaded"] == n_meta and first.data.metrics["not_downloaded"] == 0
     assert first.data.metrics["ingested"] == n and first.data.metrics["rejected"] == 0
     for p in m1["path"]:
         with Image.open(p) as img:
