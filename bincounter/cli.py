@@ -1,7 +1,7 @@
 """`bincounter`: count items in bin photos, check an inventory, move the champion.
 
   bincounter predict IMAGES... [--model URI | --endpoint NAME [--region R]] [--output out.csv|out.json]
-  bincounter reconcile --images DIR --expected METADATA_DIR|labels.csv [--model URI] [--threshold 0.2]
+  bincounter reconcile --images DIR --expected METADATA_DIR|labels.csv [--model URI] [--threshold P]
                        [--report report.html] [--output out.csv] [--log-mlflow]
   bincounter promote --name bin-counter --version N
   bincounter rollback --name bin-counter
@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from bincounter import calibration
 from bincounter import reconcile as rec
 from bincounter import registry
 from bincounter.deploy import DeployError, endpoint_predictor
@@ -50,8 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     rc.add_argument("--expected", required=True, help="folder of ABID <image_id>.json metadata, or a CSV "
                                                       "image_id,expected_quantity")
     rc.add_argument("--model", default=DEFAULT_MODEL, help="an MLflow model URI or folder (default %(default)s)")
-    rc.add_argument("--threshold", type=float, default=0.2,
-                    help="flag a bin when p(expected quantity) is below this (default %(default)s)")
+    rc.add_argument("--threshold", type=probability, default=None,
+                    help="flag a bin when p(expected quantity) is below this (default: the model's own threshold, "
+                         "chosen on validation for a catch rate; 0.2 for models logged before calibration)")
     rc.add_argument("--report", help="write an HTML report (flagged bins with thumbnails) here")
     rc.add_argument("--output", help="write the per-bin table to this .csv or .json file")
     rc.add_argument("--log-mlflow", action="store_true", help="log a `reconcile` run with the report and summary")
@@ -62,6 +64,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         if name == "promote":
             sp.add_argument("--version", required=True)
     return p
+
+
+def probability(v: str) -> float:
+    """'0.2' -> 0.2, a number in [0, 1]: checked when the arguments are parsed, before any model loads."""
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {v!r}") from None
+    if not 0 <= f <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {v!r}")
+    return f
 
 
 def _write(df: pd.DataFrame, path: str) -> None:
@@ -109,12 +122,17 @@ def predict(args: argparse.Namespace) -> None:
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images in {' '.join(args.images)}")
-    predictor = endpoint_predictor(args.endpoint, args.region) if args.endpoint else local_predictor(load(args.model))
+    counter = None if args.endpoint else load(args.model)
+    predictor = endpoint_predictor(args.endpoint, args.region) if args.endpoint else local_predictor(counter)
     table = predict_files(paths, predictor)
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 80, "display.width", 200):
-        print(table[["image", "count", "confidence", "error"]].fillna({"error": ""}).to_string(index=False))
+        print(table[["image", "count", "confidence", *(["review"] if "review" in table else []), "error"]]
+              .fillna({"error": ""}).to_string(index=False))
     bad = int(table["error"].notna().sum())
-    print(f"{len(table) - bad} counted, {bad} unreadable")
+    review = f", {int(table['review'].fillna(False).sum())} flagged for review" if "review" in table else ""
+    print(f"{len(table) - bad} counted, {bad} unreadable{review}")
+    if counter is not None:
+        print(calibration.describe_review(counter.trust))
     if args.output:
         _write(table, args.output)
     if bad == len(table):
@@ -128,9 +146,11 @@ def reconcile(args: argparse.Namespace) -> None:
     if not Path(args.images).is_dir():
         raise ValueError(f"--images {args.images} is not a folder")
     expected, bad_metadata = rec.read_expected(args.expected)
-    df = rec.reconcile(find_images([args.images]), expected, bad_metadata, local_predictor(load(args.model)),
-                       args.threshold)
-    stats = rec.summary(df, args.threshold)
+    counter = load(args.model)
+    threshold = counter.trust.check_threshold if args.threshold is None else args.threshold
+    promise = calibration.describe_check(counter.trust, threshold)
+    df = rec.reconcile(find_images([args.images]), expected, bad_metadata, local_predictor(counter), threshold)
+    stats = rec.summary(df, threshold)
     flagged = df[df["flagged"]].sort_values("p_expected")
     with pd.option_context("display.max_rows", None, "display.width", 200):
         if len(flagged):
@@ -139,6 +159,7 @@ def reconcile(args: argparse.Namespace) -> None:
                     else f"{k}={v:.3f}" for k, v in stats.items()))
     for line in rec.problems(df):
         print(line, file=sys.stderr)
+    print(promise)
     # the finished table first, then what derives from it; one failed write never stops the others
     failed, report, table_written = [], None, False
     if args.output:
@@ -149,7 +170,7 @@ def reconcile(args: argparse.Namespace) -> None:
             failed.append(f"--output {args.output}: {e.strerror or e}")
     if args.report:
         try:
-            Path(args.report).write_text(rec.html_report(df, stats, args.model))
+            Path(args.report).write_text(rec.html_report(df, stats, args.model, promise))
             report = Path(args.report)
             print(f"wrote {report}")
         except (OSError, ValueError) as e:  # ValueError: an image unreadable since it was counted
@@ -157,7 +178,7 @@ def reconcile(args: argparse.Namespace) -> None:
     if args.log_mlflow:
         try:
             run_id = rec.log_run(df, stats, report, {"model": args.model, "images": args.images,
-                                                     "expected": args.expected, "threshold": args.threshold})
+                                                     "expected": args.expected, "threshold": threshold})
             print(f"logged run {run_id}")
         except (OSError, MlflowException) as e:
             failed.append(f"--log-mlflow: {e.message if isinstance(e, MlflowException) else e}")

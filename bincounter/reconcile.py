@@ -185,7 +185,7 @@ def check(preds: pd.DataFrame, expected: dict[str, int], bad_metadata: dict[str,
         if isinstance(error, str):
             rows.append({**row, "status": "unreadable", "error": error})
             continue
-        row.update(predicted=r["count"], confidence=r["confidence"])
+        row.update(predicted=r["count"], confidence=r["confidence"], **{k: v for k, v in r.items() if k.startswith("p_")})
         if f"p_{q}" not in r:  # the model has no class for q: it cannot judge this bin
             rows.append({**row, "status": "outside_model_range",
                          "error": f"expected quantity {q} is not one of the model's counts"})
@@ -197,7 +197,8 @@ def check(preds: pd.DataFrame, expected: dict[str, int], bad_metadata: dict[str,
         rows.append({"image_id": i, "expected_quantity": expected[i], "status": "no_image", "flagged": False})
     for i in sorted(set(bad_metadata) - photos):
         rows.append({"image_id": i, "status": "bad_metadata", "error": bad_metadata[i], "flagged": False})
-    out = pd.DataFrame(rows, columns=COLUMNS)
+    dist = sorted((c for c in preds.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+    out = pd.DataFrame(rows, columns=[*COLUMNS, *dist])  # the count distribution last: the report draws it
     for c in ("expected_quantity", "predicted"):
         out[c] = out[c].astype("Float64").astype("Int64")
     for c in ("confidence", "p_expected"):
@@ -241,17 +242,37 @@ def _thumbnail(path: str) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def html_report(df: pd.DataFrame, stats: dict, model: str) -> str:
-    """A self-contained HTML page: the summary, the flagged bins (least likely first) with thumbnails, and
-    the bins that could not be checked."""
+def _bars(row, classes: list[int]) -> str:
+    """A bin's count distribution as a small inline SVG bar chart: the expected quantity's bar orange, the
+    others grey, the predicted count's label in bold."""
+    w, h, gap = 14, 40, 3
+    bars = []
+    for k, c in enumerate(classes):
+        p = getattr(row, f"p_{c}", float("nan"))
+        height = 0 if pd.isna(p) else round(float(p) * h, 1)
+        x = k * (w + gap)
+        colour = "#e8871e" if c == row.expected_quantity else "#999"
+        weight = "bold" if c == row.predicted else "normal"
+        bars.append(f"<rect x='{x}' y='{h - height}' width='{w}' height='{height}' fill='{colour}'>"
+                    f"<title>p({c}) = {0 if pd.isna(p) else float(p):.2f}</title></rect>"
+                    f"<text x='{x + w / 2}' y='{h + 11}' font-size='10' text-anchor='middle' "
+                    f"font-weight='{weight}'>{c}</text>")
+    return f"<svg width='{len(classes) * (w + gap)}' height='{h + 13}' role='img'>{''.join(bars)}</svg>"
+
+
+def html_report(df: pd.DataFrame, stats: dict, model: str, promise: str = "") -> str:
+    """A self-contained HTML page: the summary and what the threshold promises (`promise`), the flagged bins
+    (least likely record first) with thumbnails and their count distributions, and the bins that could not be
+    checked."""
     e = html.escape
     flagged = df[df["flagged"]].sort_values("p_expected")
+    classes = [int(c[2:]) for c in df.columns if c.startswith("p_") and c[2:].isdigit()]
     head = "".join(f"<tr><th>{e(k)}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
                    else f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in stats.items())
     rows = "".join(
         f"<tr><td><img src='{_thumbnail(r.path)}' alt='{e(r.image_id)}'></td><td>{e(r.image_id)}</td>"
         f"<td>{r.expected_quantity}</td><td>{r.predicted}</td><td>{r.p_expected:.3f}</td>"
-        f"<td>{r.confidence:.3f}</td></tr>" for r in flagged.itertuples())
+        f"<td>{r.confidence:.3f}</td><td>{_bars(r, classes)}</td></tr>" for r in flagged.itertuples())
     others = df[df["status"] != "checked"]
     problems = "".join(f"<tr><td>{e(r.image_id)}</td><td>{e(r.status)}</td>"
                        f"<td>{'' if pd.isna(r.error) else e(str(r.error))}</td></tr>" for r in others.itertuples())
@@ -260,11 +281,12 @@ def html_report(df: pd.DataFrame, stats: dict, model: str) -> str:
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px}}</style>
 </head><body>
 <h1>Bin inventory check</h1>
-<p>Model: {e(model)}. A bin is flagged when the model gives its expected quantity a probability below
-{stats['threshold']:g}.</p>
+<p>Model: {e(model)}. {e(promise) or f"A bin is flagged when the model gives its expected quantity a probability below {stats['threshold']:g}."}</p>
+<p>Flagged bins are sorted by how unlikely their record is. Bars: the model's probability of each count; orange is
+the expected quantity, the bold number the predicted count.</p>
 <h2>Summary</h2><table>{head}</table>
 <h2>Flagged bins ({len(flagged)})</h2>
-<table><tr><th>photo</th><th>bin</th><th>expected</th><th>predicted</th><th>p(expected)</th><th>confidence</th></tr>
+<table><tr><th>photo</th><th>bin</th><th>expected</th><th>predicted</th><th>p(expected)</th><th>confidence</th><th>counts</th></tr>
 {rows}</table>
 <h2>Not checked ({len(others)})</h2>
 <table><tr><th>bin</th><th>status</th><th>detail</th></tr>{problems}</table>

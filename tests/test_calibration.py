@@ -305,3 +305,55 @@ def test_an_ensemble_refuses_members_it_cannot_use(tmp_path, tiny_model):
                           classes=[1, 2, 3]), str(next(tiny_model.images.glob("*.jpg"))))
     with pytest.raises(ValueError, match=r"counts \[1, 2, 3\], but"):
         run(f"{tiny_model.run_id},{three.info.run_id}")
+
+
+PROMISE = {"measured_on": "validation split (40 bins)", "target_accuracy": 0.8, "target_catch": 0.9,
+           "review_rate": 0.5, "kept_accuracy": 0.8, "check_auc": 0.8, "check_auc_off2": 0.9, "check_catch": 0.7,
+           "check_catch_off2": 0.9, "check_false_alarm": 0.25}
+
+
+def test_reconcile_uses_the_models_threshold_and_says_what_it_promises(tiny_model, tmp_path, capsys):
+    from bincounter import cli
+    from bincounter.training import TrainConfig
+    from bincounter.trainer import log_trained_model
+
+    with mlflow.start_run() as run:
+        log_trained_model({"model": tiny_model.torch_model, "best_epoch": 1},
+                          TrainConfig(arch="resnet18", weights="none", image_size=32, classes=CLASSES),
+                          str(next(tiny_model.images.glob("*.jpg"))),
+                          calibration.Trust(review_confidence=0.3, check_threshold=0.35, promise=PROMISE))
+    expected = tmp_path / "expected.csv"
+    ids = sorted(p.stem for p in tiny_model.images.glob("*.jpg"))
+    pd.DataFrame({"image_id": ids, "expected_quantity": [(int(i[0]) % 5) + 1 for i in ids]}).to_csv(expected, index=False)
+    model = f"runs:/{run.info.run_id}/model"
+    out, report = tmp_path / "r.csv", tmp_path / "r.html"
+    assert cli.main(["reconcile", "--images", str(tiny_model.images), "--expected", str(expected), "--model", model,
+                     "--output", str(out), "--report", str(report)]) == 0
+    console = capsys.readouterr().out
+    assert "below 0.35. Measured on the model's validation split (40 bins): of records off by two or more, about " \
+           "90% are flagged; of all wrong records, about 70%; and about 25% of right records are flagged too." in console
+    df = pd.read_csv(out)
+    checked = df[df["status"] == "checked"]
+    assert checked["flagged"].tolist() == (checked["p_expected"] < 0.35).tolist()
+    assert {f"p_{c}" for c in CLASSES} <= set(df.columns)
+    page = report.read_text()
+    assert "about 90% are flagged" in page and page.count("<svg") == checked["flagged"].sum()
+    flagged = checked[checked["flagged"]].sort_values("p_expected")
+    positions = [page.index(f"alt='{i}'") for i in flagged["image_id"].astype(str)]
+    assert positions == sorted(positions)  # least likely record first
+
+    # --threshold wins, and the promise is not claimed for it
+    assert cli.main(["reconcile", "--images", str(tiny_model.images), "--expected", str(expected), "--model", model,
+                     "--threshold", "0.9", "--output", str(out)]) == 0
+    assert "Measured" not in capsys.readouterr().out
+    checked = pd.read_csv(out).query("status == 'checked'")
+    assert checked["flagged"].tolist() == (checked["p_expected"] < 0.9).tolist()
+
+
+def test_a_threshold_out_of_range_is_refused_before_the_model_loads(tmp_path, capsys):
+    from bincounter import cli
+
+    with pytest.raises(SystemExit) as e:  # the model URI would fail to load: the threshold is refused first
+        cli.main(["reconcile", "--images", str(tmp_path), "--expected", str(tmp_path), "--model", "runs:/nope/model",
+                  "--threshold", "1.5"])
+    assert e.value.code == 2 and "--threshold: expected a probability between 0 and 1, got '1.5'" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_predict_counts_files_and_folders_and_lists_unreadable_images(tiny_model
     assert "not an image" in out and "truncated" in out and "cannot read" in out
 
     table = pd.read_csv(tmp_path / "out.csv")
-    assert list(table.columns) == ["image", "count", "confidence", *[f"p_{c}" for c in CLASSES], "error"]
+    assert list(table.columns) == ["image", "count", "confidence", "review", *[f"p_{c}" for c in CLASSES], "error"]
     good, unreadable = table[table["error"].isna()], table[table["error"].notna()]
     assert len(good) == 10 and set(good["count"]) <= set(CLASSES) and unreadable["count"].isna().all()
     counter = serving.load(tiny_model.model_uri)  # the same numbers as the library
