@@ -9,6 +9,9 @@ with `pretrain` first trains on generated bins and fine-tunes from that model (`
 Prints a table with the majority baseline and a second yardstick: hand-made image features (gradient
 orientation histograms on a 4x4 grid, colour histograms) with a logistic regression, C chosen on val;
 results go to bench/results/few_real.jsonl, and a rerun skips the configs already there (same settings).
+For every config, and alone for given train runs (`--trust_of`), a second table says how far the probabilities
+can be trusted on the test split, as the product was before calibration and as it is now: ECE, NLL, selective
+accuracy, the inventory check as a detector and at its threshold, with bootstrap standard errors.
 
     MLFLOW_TRACKING_URI=sqlite:///bench.db python bench/few_real.py --configs plain,levers,lite0,lite0-levers
 """
@@ -48,6 +51,8 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "lite0": LITE,
     "lite0-probe": {**LITE, "freeze": "true"},
     "lite0-levers": {**LITE, **TRANSFER},
+    # the README's Lite0 recipe as written: head first, a lower backbone rate, the median answer with TTA
+    "lite0-recipe": {**LITE, "freeze_epochs": 1, "backbone_lr": 0.3, "decision": "median", "tta": "true"},
     "lite0-head-first": {**LITE, "freeze_epochs": 1},
     "lite0-backbone-lr": {**LITE, "backbone_lr": 0.3},
     "lite0-bn-frozen": {**LITE, "bn": "frozen"},
@@ -100,7 +105,7 @@ def run_config(name: str, spec: dict, common: dict, split_id: str, args, log: Pa
         params["weights"] = f"runs:/{syn}/model"
     train = mlflow_run("train", {"split_run_id": split_id, **params}, log)
     row = {"config": name, "params": spec, "common": common, "split_run_id": split_id,
-           **evaluate_ways(train, split_id, log)}
+           **evaluate_ways(train, split_id, log), "trust": trust_of(train, split_id, log)}
     row["minutes"] = round((time.time() - start) / 60, 1)
     return row
 
@@ -117,6 +122,63 @@ def evaluate_ways(train: str, split_id: str, log: Path) -> dict:
                                                    "baseline_within1_accuracy")}
         row["test_size"] = int(ev["test_size"])
     return row
+
+
+TRUST = {"accuracy": "accuracy", "ece": "ECE", "nll": "NLL", "selective_accuracy_25": "acc. of surest 25 %",
+         "selective_accuracy_50": "acc. of surest 50 %", "check_auc": "check AUC", "check_auc_off2": "check AUC (off by 2+)",
+         "check_catch_off2": "off by 2+ flagged", "check_false_alarm": "right records flagged",
+         "review_rate": "counts to review", "unflagged_accuracy": "acc. of the rest"}
+
+
+def trust_of(train: str, split_id: str, log: Path, resamples: int = 500) -> dict:
+    """A train run's model on the split's test data as it was trained (its tta and decision), as the product
+    was before calibration (temperature 1, reconcile's old threshold 0.2, no review flag) and as it is now (the
+    model's temperature and the thresholds chosen on validation) -> {before, after: {figure: (value, bootstrap
+    standard error)}, thresholds}."""
+    import numpy as np
+    import pandas as pd
+
+    from bincounter import calibration
+    from bincounter.runs import download
+
+    m = metrics_of(train)
+    out = {"train_run_id": train, "temperature": m.get("temperature", 1.0),
+           "check_threshold": m.get("check_threshold", calibration.DEFAULT_CHECK_THRESHOLD),
+           "review_confidence": m.get("review_confidence", 0.0)}
+    for key, calibrated in (("before", "false"), ("after", "true")):
+        ev = mlflow_run("evaluate", {"model_uri": f"runs:/{train}/model", "split_run_id": split_id,
+                                     "calibrated": calibrated}, log)
+        preds = pd.read_csv(download(ev, "predictions.csv"))
+        classes = sorted(int(c[2:]) for c in preds.columns if c.startswith("p_"))
+        preds = preds[preds["error"].isna() & preds["count"].isin(classes)].reset_index(drop=True)
+        if key == "before":
+            preds["review"] = False
+        threshold = out["check_threshold"] if key == "after" else calibration.DEFAULT_CHECK_THRESHOLD
+
+        def figures(rows):
+            probs, y, right, conf, review = calibration.table_arrays(rows, classes)
+            return {"accuracy": float(right.mean()),
+                    **calibration.trust_metrics(probs, y, right, conf, review, classes, threshold)}
+
+        rng = np.random.default_rng(0)
+        boots = [figures(preds.iloc[rng.integers(0, len(preds), len(preds))]) for _ in range(resamples)]
+        value = figures(preds)
+        out[key] = {k: (v, float(np.nanstd([b[k] for b in boots]))) for k, v in value.items() if k in TRUST}
+        out["test_size"] = len(preds)
+    return out
+
+
+def trust_table(rows: list[dict]) -> str:
+    """One row per model and state (before / after calibration): each figure with its standard error."""
+    out = ["| model | | " + " | ".join(TRUST.values()) + " |", "|---" * (len(TRUST) + 2) + "|"]
+    for r in rows:
+        for key in ("before", "after"):
+            t = r["trust"]
+            label = ("T = 1, threshold 0.2" if key == "before" else
+                     f"T = {t['temperature']:.2f}, threshold {t['check_threshold']:.3f}, review < {t['review_confidence']:.2f}")
+            out.append(f"| {r['config']} | {label} | "
+                       + " | ".join(f"{t[key][k][0]:.3f} ± {t[key][k][1]:.3f}" for k in TRUST) + " |")
+    return "\n".join(out)
 
 
 def features(path: str) -> list[float]:
@@ -200,7 +262,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log", default=str(ROOT / "bench" / "results" / "few_real.log"))
     p.add_argument("--probe", type=int, default=1, help="1: add the hand-made-features yardstick (about a minute)")
+    p.add_argument("--trust_of", default="", help="comma-separated train runs (of --split_run_id): only measure "
+                   "how far their probabilities can be trusted, before and after calibration")
     args = p.parse_args()
+    if args.trust_of:
+        rows = [{"config": mlflow.get_run(t).info.run_name, "trust": trust_of(t, args.split_run_id, Path(args.log))}
+                for t in args.trust_of.split(",")]
+        print(f"held-out real bins: {rows[0]['trust']['test_size']} test images of split run {args.split_run_id}; "
+              "± one bootstrap standard error")
+        print(trust_table(rows))
+        return
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -239,6 +310,10 @@ def main() -> None:
           f"unless a config says otherwise {args.arch}, {args.image_size} px, weights none, at most {args.epochs} "
           f"epochs (patience {args.patience})")
     print(table(rows))
+    trusted = [r for r in rows if "trust" in r]
+    if trusted:
+        print("\nhow far the probabilities can be trusted, before and after calibration (± bootstrap SE):")
+        print(trust_table(trusted))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,27 @@ def check_figures(probs: np.ndarray, y: np.ndarray, classes: list[int], threshol
             "check_false_alarm": float(np.mean(right < threshold))}
 
 
+def table_arrays(rows, classes: list[int]):
+    """A predictions table (count, predicted, confidence, review, p_<c>; rows whose count is a class) ->
+    (probs [N, C], true class indices, right, confidence, review) as numpy arrays."""
+    probs = rows[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
+    y = rows["count"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    right = (rows["predicted"] == rows["count"]).to_numpy(dtype=bool)
+    return probs, y, right, rows["confidence"].to_numpy(dtype=float), rows["review"].to_numpy(dtype=bool)
+
+
+def trust_metrics(probs, y, right, confidence, review, classes: list[int], threshold: float) -> dict[str, float]:
+    """How far scored bins' probabilities can be trusted: ece, nll, brier, the accuracy of the 25 % / 50 % most
+    confident counts, the inventory check as a detector at `threshold` (check_figures), the share flagged for
+    review and the accuracy of the others."""
+    return {"ece": ece(probs, y), "nll": nll(probs, y), "brier": brier(probs, y),
+            "selective_accuracy_25": selective_accuracy(confidence, right, 0.25),
+            "selective_accuracy_50": selective_accuracy(confidence, right, 0.50),
+            **check_figures(probs, y, classes, threshold),
+            "review_rate": float(review.mean()),
+            "unflagged_accuracy": float(right[~review].mean()) if (~review).any() else float("nan")}
+
+
 def choose_review_confidence(confidence: np.ndarray, right: np.ndarray, target: float) -> float:
     """The lowest confidence threshold at which the counts at or above it (at least MIN_KEPT of them) are right
     at least `target` of the time; above every confidence (all counts to review) when no threshold reaches it."""

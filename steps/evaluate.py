@@ -127,16 +127,8 @@ def log_trust(ok: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]
     review and the accuracy of the rest, `reliability.png` and `coverage.png`. -> the metrics."""
     classes = counter.classes
     rows = ok[ok["count"].isin(classes)]
-    probs = rows[[f"p_{c}" for c in classes]].to_numpy(dtype=float)
-    y = rows["count"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    conf, right = rows["confidence"].to_numpy(dtype=float), (rows["predicted"] == rows["count"]).to_numpy()
-    review = rows["review"].to_numpy(dtype=bool)
-    out = {"ece": calibration.ece(probs, y), "nll": calibration.nll(probs, y), "brier": calibration.brier(probs, y),
-           "selective_accuracy_25": calibration.selective_accuracy(conf, right, 0.25),
-           "selective_accuracy_50": calibration.selective_accuracy(conf, right, 0.50),
-           **calibration.check_figures(probs, y, classes, counter.trust.check_threshold),
-           "review_rate": float(review.mean()),
-           "unflagged_accuracy": float(right[~review].mean()) if (~review).any() else float("nan")}
+    probs, y, right, conf, review = calibration.table_arrays(rows, classes)
+    out = calibration.trust_metrics(probs, y, right, conf, review, classes, counter.trust.check_threshold)
     out = {f"test_{k}": v for k, v in out.items()}
     mlflow.log_metrics(out)
     mlflow.log_figure(metrics.plot_reliability(calibration.reliability(probs, y)), "reliability.png")
