@@ -5,14 +5,14 @@ BIN    := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export GIT_PYTHON_REFRESH = quiet
 
-.PHONY: venv browser test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
+.PHONY: venv browser java test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,sagemaker,pretrained]'
+	$(BIN)/pip install -q -e '.[dev,sagemaker,pretrained,spark]'
 	touch $@
 
 test: venv          ## the test suite without the slow tests (what CI runs first)
@@ -28,6 +28,17 @@ browser:
 	elif sudo -n true 2>/dev/null; then sudo -n apt-get install -y -q chromium chromium-driver >/dev/null \
 	  || echo "make browser: could not install chromium chromium-driver; the UI test will skip"; \
 	else echo "make browser: not root and no sudo: chromium chromium-driver not installed; the UI test will skip"; fi
+
+# Debian's Java runtime for Spark (the score step and tests/test_score.py; pyspark brings no JVM). Installed
+# with apt-get when missing; where that is impossible the Spark tests skip and say why.
+java:
+	@if command -v java >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q default-jre-headless >/dev/null \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q default-jre-headless >/dev/null; } \
+	  || echo "make java: could not install default-jre-headless; the Spark tests will skip"; \
+	elif sudo -n true 2>/dev/null; then sudo -n apt-get install -y -q default-jre-headless >/dev/null \
+	  || echo "make java: could not install default-jre-headless; the Spark tests will skip"; \
+	else echo "make java: not root and no sudo: default-jre-headless not installed; the Spark tests will skip"; fi
 
 ui-screenshots: venv browser  ## the README's MLflow UI screenshots (docs/images/ui_*.png) from the browser test
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/ui_screenshots.py
