@@ -10,6 +10,14 @@ Inference: the pyfunc's code path (BinCounter.probabilities: parallel decode, on
 against bare `model(x)` forwards of the same chunks as ready tensors. Prints a table and writes bench/results/train.json.
 
     python bench/train.py --arch resnet50 --image_size 224 --batch_size 8 --steps 4
+
+`--levers 0,2,3` measures instead what might make fine-tuning cheaper, each a full training step on one in-memory
+batch (the compute, not the data path), in the same run, interleaved, best of the repeats: the train step's
+(channels_last, every block training; on a CPU also contiguous tensors, what it used there before),
+torch.compile (inductor; its compile time reported apart), and `trainable_blocks` at each value given
+(training.set_train_mode and make_optimizer, as a train run sets them). Writes bench/results/train_levers.json.
+
+    OMP_NUM_THREADS=1 python bench/train.py --arch efficientnet_lite0 --image_size 224 --batch_size 8 --steps 3 --levers 0,2,3
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from bincounter import synthetic, tensor_cache  # noqa: E402
 from bincounter.data import ManifestDataset, make_loader  # noqa: E402
 from bincounter.serving import MAX_BATCH, BinCounter  # noqa: E402
 from bincounter.model import build_model, get_arch  # noqa: E402
-from bincounter.training import make_optimizer, setup_device, train_one_epoch, TrainConfig  # noqa: E402
+from bincounter.training import make_optimizer, set_train_mode, setup_device, train_one_epoch, TrainConfig  # noqa: E402
 from bincounter.transforms import TrainPreset  # noqa: E402
 
 
@@ -55,13 +63,77 @@ def timed(fn, images: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def main(args):
-    device = setup_device()
+def levers(args, device) -> dict:
+    """Training img/s of each fine-tuning lever against today's step (module doc) -> {"rows", "compile_s"}."""
+    amp = device.type == "cuda"
+    n = args.batch_size * args.steps
     torch.manual_seed(0)
-    model = build_model(args.arch, 5, "none").to(device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 5, (args.batch_size,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def variant(blocks: int = 0, channels_last: bool = True, compiled: bool = False):
+        cfg = TrainConfig(arch=args.arch, weights="none", lr=1e-3, batch_size=args.batch_size, trainable_blocks=blocks)
+        net = build_model(args.arch, 5, "none").to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = net.to(memory_format=fmt)
+        set_train_mode(net, cfg, epoch=1)
+        opt = make_optimizer(cfg, net)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        model = torch.compile(net) if compiled else net
+        xb = x.contiguous(memory_format=fmt)
+
+        def run():
+            for _ in range(args.steps):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    loss = loss_fn(model(xb), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        return run
+
+    # the train step's loop uses channels_last on every device; on a CPU it used contiguous tensors before
+    today = "train's step (channels_last)"
+    runs = {} if amp else {"before: contiguous tensors": variant(channels_last=False)}
+    runs[today] = variant()
+    if args.compile:
+        runs["torch.compile"] = variant(compiled=True)
+    for blocks in args.levers:
+        if blocks:
+            runs[f"trainable_blocks={blocks}"] = variant(blocks)
+    compile_s = 0.0
+    for name, run in runs.items():  # warm-up; torch.compile compiles here
+        start = time.perf_counter()
+        run()
+        if name == "torch.compile":
+            compile_s = time.perf_counter() - start
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(args.repeats):  # interleaved, best of the repeats: the machine may be shared
+        for name, run in runs.items():
+            best[name] = max(best[name], timed(run, n))
+    print(f"\n{args.arch} {args.image_size}px batch {args.batch_size}, {n} images x {args.repeats} repeats, "
+          f"device {device}, threads {torch.get_num_threads()}; torch.compile compiled in {compile_s:.0f} s")
+    print(f"{'training step':<32}{'img/s':>10}{'vs train':>10}")
+    for name, v in best.items():
+        print(f"{name:<32}{v:>10.1f}{v / best[today]:>10.2f}")
+    rows = [{"lever": name, "img_s": v, "ratio": v / best[today]} for name, v in best.items()]
+    return {"rows": rows, "compile_s": compile_s}
+
+
+def main(args) -> dict:
+    """-> what it writes to bench/results/train.json (train_levers.json with --levers)."""
+    device = setup_device()
+    if args.levers is not None:
+        out = ROOT / "bench" / "results" / "train_levers.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"args": vars(args), "device": str(device), **levers(args, device)}
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        return result
+    torch.manual_seed(0)
+    model = build_model(args.arch, 5, "none").to(device, memory_format=torch.channels_last)  # as training.setup
     norm = (get_arch(args.arch).mean, get_arch(args.arch).std)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     cfg = TrainConfig(arch=args.arch, weights="none", lr=1e-3, batch_size=args.batch_size)
     opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -88,8 +160,7 @@ def main(args):
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
         y = torch.randint(0, 5, (args.batch_size,), device=device)
         amp = device.type == "cuda"
-        if amp:
-            x = x.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)  # as train_one_epoch
 
         def train_bare():
             model.train()
@@ -129,6 +200,8 @@ def main(args):
         for rep in range(args.repeats):  # interleaved, best of the repeats: the machine may be shared
             rows.append({"rep": rep, "train_bare": timed(train_bare, n), "train_pil": timed(train_pil, n),
                          "train_tensor": timed(train_tensor, n)})
+        if not amp:  # as served: the pyfunc loads a contiguous model on a CPU (Module.to changes it in place)
+            model.to(memory_format=torch.contiguous_format)
         for rep in range(args.repeats):
             rows[rep]["infer_bare"] = timed(infer_bare, n)
             rows[rep]["infer_pyfunc"] = timed(infer_pyfunc, n)
@@ -148,12 +221,15 @@ def main(args):
         print(f"{name:<24}{v:>10.1f}{v / bare:>8.2f}{'' if target is None else f'{target:.2f}':>8}")
     out = ROOT / "bench" / "results" / "train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": str(device), "cache_build_s": build_s, "runs": rows,
-                               "best": best, "ratios": {name: v / bare for name, v, bare, _ in table}}, indent=2))
+    result = {"args": vars(args), "device": str(device), "cache_build_s": build_s, "runs": rows, "best": best,
+              "ratios": {name: v / bare for name, v, bare, _ in table},
+              "table": [{"what": name, "img_s": v, "ratio": v / bare} for name, v, bare, _ in table]}
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    return result
 
 
-if __name__ == "__main__":
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--image_size", type=int, default=224)
@@ -161,4 +237,12 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes (the train step's default)")
-    main(p.parse_args())
+    p.add_argument("--levers", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="measure the fine-tuning levers instead, with these trainable_blocks values (0 = all)")
+    p.add_argument("--no_compile", dest="compile", action="store_false",
+                   help="--levers without the torch.compile row (its compilation takes minutes on a CPU)")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -6,7 +6,7 @@ Every train lever (LEVERS: the tunables, the levers for few images, data_path) i
 default: train's own default. Given, it reaches train, and every hpo trial where hpo takes it (the tunables
 are what hpo searches; an explicit one still wins in train). Bad training parameters are refused before any
 step runs.
-A step whose FINISHED run with the same entry point, parameters (compared as strings) and git commit exists
+A step whose FINISHED run with the same entry point, parameters (compared as logged: `same`) and git commit exists
 in the experiment is reused, not rerun; a changed parameter upstream gives new run ids, so everything
 downstream reruns too. A failing step stops the chain and this run ends FAILED.
 Logs: tags `<step>_run_id` for every step, and the final champion/challenger verdict from register.
