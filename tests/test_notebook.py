@@ -72,10 +72,11 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "rolled back" in _text(cells["promote"])
     served = _text(cells["serve"])
     assert "count" in served and "confidence" in served and "p_5" in served, served
-    assert "HTTP 400" in served, served
+    assert "a request with a bad image: HTTP 200" in served and "row 1: not an image" in served, served
+    assert "a request with no readable image: HTTP 400" in served, served
     reconciled = _text(cells["reconcile"])
     assert "bins_checked" in reconciled and '"bins_checked": 12' in reconciled, reconciled
-    assert '"no_image": 1' in reconciled
+    assert '"no_image": 1' in reconciled and '"outside_model_range": 1' in reconciled
     assert "report.html" in _text(cells["report"]) and "Bin inventory check" in _text(cells["report"])
     assert (tmp_path / "work" / "reconcile" / "report.html").is_file()
 
