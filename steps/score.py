@@ -1,0 +1,71 @@
+"""score: count the items in a whole set of bin photos on Spark, optionally with the inventory check.
+
+Reads: `input` (a folder, an s3:// prefix such as s3://aft-vbi-pds/bin-images/, or a manifest:
+runs:/<ingest run>/manifest.csv or a file), the model `model_uri`, and with `expected` (a metadata folder or
+s3:// prefix, or a CSV image_id,expected_quantity) the quantities to check against.
+Writes: `output`, a folder: scores.parquet/ (scores.csv/ with csv=true), one row per photo, and score.json;
+a rerun replaces it as a whole (bincounter/score.py).
+Logs: metrics images, scored, unreadable (photos), images_per_s, seconds; with `expected` flagged and
+reconcile's summary: bins_checked, bins_flagged, agreement_rate and a count per status (its `unreadable` as
+bins_unreadable); tags bincounter.output, spark.master,
+spark.default_parallelism, spark.partitions, the artifact score.json.
+Runs the same under `spark-submit` or in a notebook (docs/spark.md).
+"""
+from __future__ import annotations
+
+import argparse
+
+import mlflow
+
+from bincounter import score
+from bincounter.runs import start_step, str2bool, whole
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a folder, an s3:// prefix, or a manifest (runs:/ URI or file)")
+    p.add_argument("--model_uri", default="models:/bin-counter@champion")
+    p.add_argument("--output", default="scores", help="the output folder (a path, or s3://... on a cluster)")
+    p.add_argument("--csv", type=str2bool, default=False, help="also write scores.csv/")
+    p.add_argument("--expected", default="", help="run the inventory check against this metadata folder, "
+                                                  "s3:// metadata prefix or CSV image_id,expected_quantity")
+    p.add_argument("--threshold", type=float, default=0.2, help="flag a bin when p(expected quantity) is below this")
+    p.add_argument("--spark_master", default="local[*]")
+    p.add_argument("--partitions", type=whole, default=0, help="0: Spark's default parallelism (one per core)")
+    p.add_argument("--batch_size", type=whole, default=64, help="photos per model call (Arrow batch)")
+    p.add_argument("--limit", type=whole, default=0, help="score only the first this many photos; 0 = all")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run the step -> the figures (score.score's). Bad input raises SystemExit with one line, before Spark
+    starts (the output path: before any Spark job)."""
+    try:
+        if args.batch_size < 1 or args.partitions < 0:
+            raise ValueError(f"batch_size must be 1 or more and partitions 0 or more, got {args.batch_size} "
+                             f"and {args.partitions}")
+        photos = score.list_photos(args.input, args.limit)
+        expected = score.read_expected(args.expected, args.threshold) if args.expected else None
+        columns = score.check_model(args.model_uri)
+        spark = score.spark_session(args.spark_master, args.batch_size)
+        score.OutputFolder(spark, args.output).check()
+    except ValueError as e:
+        raise SystemExit(f"score: {e}") from None
+    with start_step("score", args, name=f"score {len(photos.rows)} photos"):
+        stats = score.score(spark, photos, args.model_uri, columns, args.output, args.partitions, args.csv, expected)
+        mlflow.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        if expected:  # reconcile's figures under its names; its `unreadable` counts bins, beside ours (photos)
+            mlflow.log_metrics({"bins_unreadable" if k == "unreadable" else k: v
+                                for k, v in stats["check"].items() if k != "threshold"})
+        mlflow.set_tags({"bincounter.output": stats["output"], "spark.master": spark.sparkContext.master,
+                         "spark.default_parallelism": spark.sparkContext.defaultParallelism,
+                         "spark.partitions": stats["partitions"]})
+        mlflow.log_dict(stats, "score.json")
+    print(f"score: {stats['scored']} of {stats['images']} photos counted, {stats['unreadable']} unreadable"
+          + (f", {stats['flagged']} flagged" if expected else "")
+          + f"; {stats['images_per_s']:.1f} images/s; wrote {stats['output']}")
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
