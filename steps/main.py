@@ -1,7 +1,7 @@
 """main: the whole chain, each step its own run under this one.
 
 [select, when `labels` is given] -> ingest -> split -> hpo (skipped when max_evals is 0) -> train -> evaluate
--> register.
+[-> refit: train again with train's settings and best epoch count on train + validation -> evaluate] -> register.
 Every train lever (LEVERS: the tunables, the levers for few images, data_path) is a main parameter too, empty by
 default: train's own default. Given, it reaches train, and every hpo trial where hpo takes it (the tunables
 are what hpo searches; an explicit one still wins in train). Bad training parameters are refused before any
@@ -25,7 +25,7 @@ from mlflow.utils import mlflow_tags
 from bincounter import trainer
 from bincounter import entry
 from bincounter.model import ARCHS
-from bincounter.runs import create_project_run, start_step, whole
+from bincounter.runs import create_project_run, start_step, str2bool, whole
 from bincounter.training import MONITORS, TUNABLE, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ ENTRY_PARAMS = {name: e.get("parameters", {}) for name, e in
                 yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items()}
 # train's parameters that main passes on (empty: train's own default, its MLproject default)
 LEVERS = (*TUNABLE, "ordinal_weight", "label_smoothing", "balanced", "augment", "warmup_epochs", "tta", "decision",
-          "data_path")
+          "data_path", "calibrate", "target_accuracy", "target_catch")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="what hpo selects on and training keeps its best epoch by")
     p.add_argument("--model_name", default="bin-counter")
     p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--refit", type=str2bool, default=False,
+                   help="after train, train again with its settings and best epoch count on train + validation "
+                        "(train's refit_of); the refit is evaluated and registered")
     g = p.add_argument_group("train's levers, passed to train (and hpo where it takes them); empty: train's default")
     for name in LEVERS:
         g.add_argument(f"--{name}", default="")
@@ -142,10 +145,11 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         exp = run.info.experiment_id
         ids: dict[str, str] = {}
 
-        def step(name: str, params: dict) -> str:
-            ids[name] = get_or_run(name, {k: str(v) for k, v in params.items()}, exp)
-            mlflow.set_tag(f"{name}_run_id", ids[name])
-            return ids[name]
+        def step(name: str, params: dict, key: str = "") -> str:
+            key = key or name  # the tag and id key: a step may run twice (train and its refit)
+            ids[key] = get_or_run(name, {k: str(v) for k, v in params.items()}, exp)
+            mlflow.set_tag(f"{key}_run_id", ids[key])
+            return ids[key]
 
         file_list = args.file_list
         if args.labels:
@@ -163,6 +167,9 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, patience=args.patience,
                                    monitor=args.monitor, **fixed, **lever_params("train", args)))
         step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split))
+        if args.refit:
+            train = step("train", dict(split_run_id=split, refit_of=train), key="refit")
+            step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split), key="refit_evaluate")
         step("register", dict(run_id=train, name=args.model_name))
         print("main: " + ", ".join(f"{k} {v}" for k, v in ids.items()))
         return ids

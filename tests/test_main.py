@@ -80,6 +80,27 @@ def test_chain_fine_tunes_imagenet_efficientnet_lite0_offline_with_the_levers_gi
     assert main_step.find_finished("train", dict(label_smoothing="0.0", tta="true"), exp) is None
 
 
+def test_refit_trains_again_on_train_and_validation_and_registers_the_refit(monkeypatch):
+    """main -P refit=true: after train (and its evaluation) a second train run with refit_of=<train run>; the
+    refit is evaluated and registered. The steps are stood in for: train's refit itself is tested in
+    tests/test_calibration.py."""
+    calls = []
+
+    def fake_run(entry_point, parameters, experiment_id):
+        calls.append((entry_point, parameters))
+        return f"{entry_point}-{len(calls)}"
+
+    monkeypatch.setattr(main_step, "get_or_run", fake_run)
+    argv = [f"--{k}={v}" for k, v in dict(TINY, max_evals=0, refit="true", target_catch="0.8").items()]
+    ids = main_step.main(main_step.get_args_parser().parse_args(argv))
+    assert [c[0] for c in calls] == ["ingest", "split", "train", "evaluate", "train", "evaluate", "register"]
+    first, refit = calls[2][1], calls[4][1]
+    assert first["target_catch"] == "0.8" and first["calibrate"] == "true"  # given, and train's own default
+    assert refit == {"split_run_id": ids["split"], "refit_of": ids["train"]}
+    assert calls[5][1]["model_uri"] == f"runs:/{ids['refit']}/model" and calls[6][1]["run_id"] == ids["refit"]
+    assert ids["refit_evaluate"] == "evaluate-6"
+
+
 def test_bad_train_levers_are_refused_before_any_step_runs():
     for argv, message in [(["--arch=resnet18", "--trainable_blocks=5"], r"trainable_blocks must be in 0\.\.4 for resnet18"),
                           (["--warmup_epochs=1", "--max_evals=2"], r"hpo with epochs=1: warmup_epochs must be")]:
