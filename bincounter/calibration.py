@@ -96,17 +96,8 @@ def checked_temperature(t: float) -> tuple[float, str | None]:
 
 def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error of the most likely count: |accuracy - confidence| per equal-width confidence
-    bin, weighted by the bin's share of images."""
-    conf = probs.max(1)
-    right = probs.argmax(1) == y
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            total += m.mean() * abs(right[m].mean() - conf[m].mean())
-    return float(total)
+    bin (`reliability`), weighted by the bin's share of images."""
+    return float(sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, y, bins)) / len(y))
 
 
 def brier(probs: np.ndarray, y: np.ndarray) -> float:
