@@ -98,6 +98,8 @@ def plot_histogram(counts_by_split: dict[str, pd.Series], title: str = "Images p
 def plot_samples(paths: list[str], captions: list[str], colors: list[str], cols: int = 6, title: str = ""):
     """A grid of images with a coloured caption under each (green right, red wrong). Images are read with the
     one decoder (transforms.read_image) and its limits; one that fails shows its reason in its cell."""
+    import textwrap
+
     from bincounter.transforms import ImageError, read_image
 
     rows = max(1, -(-len(paths) // cols))
@@ -110,7 +112,8 @@ def plot_samples(paths: list[str], captions: list[str], colors: list[str], cols:
             img.thumbnail((160, 160))
             ax.imshow(img)
         except ImageError as e:
-            ax.text(0.5, 0.5, str(e), ha="center", va="center", wrap=True, fontsize=6, transform=ax.transAxes)
+            ax.text(0.5, 0.5, textwrap.fill(str(e), 32), ha="center", va="center", fontsize=6, transform=ax.transAxes,
+                    clip_on=True)  # clipped to its cell: a long path must not push the layout about
         ax.set_title(cap, fontsize=8, color=col)
     if title:
         fig.suptitle(title)
