@@ -17,7 +17,7 @@ import argparse
 
 import mlflow
 
-from bincounter import score
+from bincounter import entry, score
 from bincounter.runs import start_step, str2bool, whole
 
 
@@ -68,4 +68,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    entry.run(main, get_args_parser())
