@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import mlflow
 import pytest
-from conftest import run_entry
+from conftest import ROOT, run_entry
 from helpers_data import make_split_run
 
 from bincounter import entry
@@ -62,6 +63,14 @@ def test_wrong_parameters_fail_in_one_line(split_run, case, capsys):
     assert e.value.code == 1
     assert error_lines(capsys.readouterr().err) == [line]
     assert mlflow.active_run() is None
+
+
+def test_every_step_runs_through_entry_run():
+    """A new step gets the one-line errors too."""
+    steps = [f for f in sorted((ROOT / "steps").glob("*.py")) if '__name__ == "__main__"' in f.read_text()]
+    assert len(steps) >= 10
+    for f in steps:
+        assert re.search(r'if __name__ == "__main__":\n    entry\.run\(main\b', f.read_text()), f.name
 
 
 def test_the_open_run_ends_failed_and_bugs_keep_their_traceback(monkeypatch, capsys):
