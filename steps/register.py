@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bincounter import registry
 from bincounter import entry
-from bincounter.runs import start_step, str2bool
+from bincounter.runs import finished_run, start_step, str2bool
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_has_model(run_id: str) -> None:
+    """Refuse, before a run is opened, a run_id that names neither an evaluate run nor a run with a model."""
+    step = finished_run(run_id).data.tags.get("bincounter.step")
+    if step == "evaluate":
+        return
+    try:
+        mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    except (MlflowException, OSError):
+        raise ValueError(f"run_id {run_id}: a {step or 'untagged'!r} run has no model to register: give a train or "
+                         "ensemble run, or an evaluate run") from None
+
+
 def main(args: argparse.Namespace) -> str:
     if args.stage not in registry.STAGES:
         raise ValueError(f"stage must be one of {registry.STAGES[1:]} or empty, got {args.stage!r}")
@@ -38,6 +51,8 @@ def main(args: argparse.Namespace) -> str:
         raise ValueError(f"min_delta must be >= 0, got {args.min_delta}")
     if not args.metric:
         raise ValueError("metric must not be empty")
+    if args.run_id:
+        check_has_model(args.run_id)
     with start_step("register", args) as run:
         candidate = registry.choose(args.run_id, args.metric, run.info.experiment_id)
         mv = registry.register(candidate, args.name)

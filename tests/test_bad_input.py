@@ -50,12 +50,16 @@ def cases(split_id: str) -> dict:
                           "train: error: image_size must be at least 32, got -5"),
         "missing model": (evaluate, ["--model_uri", f"runs:/{MISSING}/model", "--split_run_id", split_id],
                           f"evaluate: error: model_uri runs:/{MISSING}/model: Run with id={MISSING} not found"),
+        "register a split run": (register, ["--run_id", split_id],
+                                 f"register: error: run_id {split_id}: a 'split' run has no model to register: give a "
+                                 "train or ensemble run, or an evaluate run"),
         "missing run": (register, ["--run_id", MISSING],
                         f"register: error: run_id {MISSING}: run {MISSING} not found: Run with id={MISSING} not found"),
     }
 
 
-@pytest.mark.parametrize("case", ["wrong step", "lr=abc", "image_size=-5", "missing model", "missing run"])
+@pytest.mark.parametrize("case", ["wrong step", "lr=abc", "image_size=-5", "missing model", "register a split run",
+                                  "missing run"])
 def test_wrong_parameters_fail_in_one_line(split_run, case, capsys):
     step, argv, line = cases(split_run)[case]
     with pytest.raises(SystemExit) as e:
