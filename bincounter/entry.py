@@ -36,7 +36,7 @@ def _step_of(run_id: str) -> str | None:
 
 def one_line(e: BaseException, args: argparse.Namespace | None) -> str:
     """The error as one line that names the parameter it is about (when the message does not already) and what
-    kind of run a run id given in it is (`run_id 0a1b...: ... (that is a 'split' run)`)."""
+    kind of run a run id given in it is (`run_id 0a1b...: ... (run 0a1b... is a 'split' run)`)."""
     msg = " ".join((e.message if isinstance(e, MlflowException) else str(e)).split())
     params = vars(args) if args is not None else {}
     named = any(re.search(rf"\b{re.escape(name)}\b", msg) for name in params)
