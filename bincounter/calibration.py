@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 import mlflow
 import numpy as np
 
-from bincounter import metrics
 from bincounter.model import decide
 from bincounter.runs import fraction, str2bool
 
@@ -267,6 +266,8 @@ def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: 
     """`fit` with the step's options (add_options), logged into the active run: metric `temperature`, `val_ece`
     and `val_nll` before (`_raw`) and after calibration, the thresholds and what they promise (`trust_*`), a tag
     `bincounter.calibration` when defaults were kept, and the validation reliability diagram. -> the Trust."""
+    from bincounter import metrics  # here, not at the top: it sets matplotlib's backend, which serving's users keep
+
     trust = fit(probs, y, classes, decision, args.calibrate, args.target_accuracy, args.target_catch)
     cal = apply_temperature(probs, trust.temperature)
     mlflow.log_metrics({"temperature": trust.temperature, "review_confidence": trust.review_confidence,
