@@ -237,7 +237,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_ste
     for step, (x, y) in enumerate(tqdm(loader, total=n, desc=desc, leave=False, mininterval=5)):
         if step >= n:
             break
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if amp else torch.contiguous_format)
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):  # forward AND loss inside
             out = model(x)
@@ -265,7 +265,7 @@ def predict(model, loader, device, tta: bool = False) -> tuple[np.ndarray, np.nd
     amp = device.type == "cuda"
     probs, labels = [], []
     for x, y in loader:
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if amp else torch.contiguous_format)
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             p = probabilities(model, x, tta)
         probs.append(p.cpu().numpy())
@@ -389,8 +389,9 @@ def setup(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkp
     device = setup_device()
     _set_seed(cfg.seed)
     net = build_model(cfg.arch, len(cfg.classes), cfg.weights, cfg.freeze).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    # channels_last on every device: on this CPU it trains EfficientNet-Lite0 1.5x, resnet18 1.2x and resnet50
+    # 1.0x as fast as contiguous tensors (bench/train.py --levers)
+    net = net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, net)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.warmup_epochs))
     arch = get_arch(cfg.arch)
