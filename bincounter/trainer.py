@@ -126,6 +126,7 @@ def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict |
     return TrainConfig(**{**base, **hparams(args, hpo_params), "classes": classes, **override}).validate()
 
 
+CALIBRATION_BINS = "splits/calibration.csv"  # a refit's kept-back validation bins: what no part of it trained on
 # what a refit decides for itself rather than taking from the run it refits
 REFIT_OWN = ("split_run_id", "hpo_run_id", "refit_of", "calibration_frac", "resume", "epochs", "patience",
              "calibrate", "target_accuracy", "target_catch", *SAGEMAKER_OPTS)
@@ -196,8 +197,10 @@ def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) ->
     name = ("refit " if args.refit_of else "") + run_name("train", {**vars(args), "lr": cfg.lr})
     with start_step("train", args, name, log_system_metrics=True) as run:
         mlflow.log_params(effective_params(cfg))
-        if args.refit_of:
+        if args.refit_of:  # `mlflow run` logged the parameters as given: say what the refit took instead
             mlflow.set_tag("bincounter.refit_of", args.refit_of)
+            mlflow.log_params({"refit_epochs": cfg.epochs, "refit_seed": cfg.seed})
+            mlflow.log_text(val_df.to_csv(index=False), CALIBRATION_BINS)
         mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
         mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
         result = train_run(cfg, train_df, val_df, resume=args.resume, val_predictions=True)

@@ -2,7 +2,8 @@
 
 Reads: `members`, comma-separated model URIs (`runs:/<id>/model`, `models:/bin-counter/3`) or train run ids:
 several seeds, the folds of a cross-validation, a refit beside its source; `split_run_id`, whose validation split
-fits the ensemble's own temperature and review/check thresholds, as train does for one model.
+fits the ensemble's own temperature and review/check thresholds, as train does for one model (only the bins no
+member trained on: a refit member's kept-back calibration bins).
 Logs: the pyfunc `model` (members inside, each with its own normalisation, resolution and temperature; its
 config lists the members' URIs and run ids), metrics `members`, `val_accuracy` of the ensemble and of each member
 (`member_<i>_val_accuracy`), what calibration fitted, tag `bincounter.members`. Evaluate, register, serve and
@@ -11,16 +12,19 @@ deploy it as any model.
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 
 from bincounter import calibration, entry, serving
 from bincounter.manifest import read_manifest
 from bincounter.model import DECISIONS, decide
 from bincounter.runs import download, finished_run, start_step
+from bincounter.trainer import CALIBRATION_BINS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,6 +64,18 @@ def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[serving.Bi
     return dirs, counters, sources
 
 
+def unseen(val, sources: list[dict]):
+    """The validation bins no member trained on: a refit member (train's refit_of) trained on part of the
+    validation split and kept the rest back (its `splits/calibration.csv`). -> a boolean mask over `val`."""
+    keep = np.ones(len(val), dtype=bool)
+    for s in sources:
+        if mlflow.get_run(s["run_id"]).data.tags.get("bincounter.refit_of"):
+            held = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{s['run_id']}/{CALIBRATION_BINS}")),
+                               dtype={"image_id": str})
+            keep &= val["image_id"].isin(held["image_id"]).to_numpy()
+    return keep
+
+
 def main(args: argparse.Namespace) -> str:
     uris = member_uris(args.members)
     finished_run(args.split_run_id, "split")
@@ -72,7 +88,7 @@ def main(args: argparse.Namespace) -> str:
         per_member = [m.probabilities(images, list(val["image_id"])) for m in counters]
         # the ensemble at temperature 1 (Ensemble.probabilities' mean): what calibration is fitted on
         probs, errors = np.mean([p for p, _ in per_member], axis=0), per_member[0][1]
-        ok = np.array([e is None for e in errors]) & val["count"].isin(classes).to_numpy()
+        ok = np.array([e is None for e in errors]) & val["count"].isin(classes).to_numpy() & unseen(val, sources)
         y = val["count"].map({c: i for i, c in enumerate(classes)}).to_numpy()[ok]
         with start_step("ensemble", args, f"ensemble of {len(uris)}") as run:
             mlflow.set_tag("bincounter.members", ",".join(s["run_id"] for s in sources))

@@ -222,12 +222,21 @@ def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path)
     run = mlflow.get_run(train.main(args))
     assert run.data.tags["bincounter.refit_of"] == source and run.info.run_name.startswith("refit train resnet18")
     p = run.data.params
-    assert (p["epochs"], p["patience"], p["hp_lr"], p["label_smoothing"]) == (str(best), "0", "0.003", "0.1")
+    assert (p["refit_epochs"], p["patience"], p["hp_lr"], p["label_smoothing"]) == (str(best), "0", "0.003", "0.1")
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == best
     rows = {d.dataset.name: json.loads(d.dataset.profile)["num_rows"] for d in run.inputs.dataset_inputs}
     assert rows == {"train": 60 + 10, "val": 10}  # 20 validation bins: half join training, half calibrate
     # the refit keeps its last epoch, whatever validation says
     assert run.data.metrics["best_epoch"] == best
+    # an ensemble with this refit calibrates only on the validation bins it kept back
+    from bincounter.manifest import read_manifest
+    from bincounter.runs import download
+    from steps import ensemble
+
+    val = read_manifest(download(split, "splits/val.csv", tmp_path / "val"))
+    held = pd.read_csv(download(run.info.run_id, trainer.CALIBRATION_BINS, tmp_path / "held"), dtype={"image_id": str})
+    mask = ensemble.unseen(val, [{"run_id": source}, {"run_id": run.info.run_id}])
+    assert mask.sum() == 10 and set(val["image_id"][mask]) == set(held["image_id"])
 
     refuse = lambda **kw: trainer.refit_args(trainer.get_args_parser().parse_args(  # noqa: E731
         [f"--{k}={v}" for k, v in {"split_run_id": split, **kw}.items()]))
