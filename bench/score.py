@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> dict:
 
         t0 = time.perf_counter()
         photos = score.list_photos(str(folder))
-        columns = score.check_model(model_uri)
+        model = score.check_model(model_uri)
         spark = score.spark_session(args.master, args.batch_size)
         once = time.perf_counter() - t0
 
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> dict:
             table = predict_files(find_images([folder]), local_predictor(load(model_uri)))
             runs["predict"].append(time.perf_counter() - start)
             assert table["error"].isna().all()
-            stats = score.score(spark, photos, model_uri, columns, str(Path(tmp) / "out"))
+            stats = score.score(spark, photos, model, str(Path(tmp) / "out"))
             runs["score_job"].append(stats["seconds"])
             assert stats["rows"] == stats["scored"] == len(table)
             print(f"repeat {k + 1}: predict {runs['predict'][-1]:.1f} s, score job {stats['seconds']:.1f} s", flush=True)

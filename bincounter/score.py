@@ -141,9 +141,17 @@ def _list_s3(uri: str, limit: int) -> tuple[list[str], bool]:
     raise ValueError(f"input {uri}: not readable, anonymously or with the AWS credentials found")
 
 
-def check_model(model_uri: str) -> list[tuple[str, str]]:
-    """Load the model on the driver (a URI that does not load fails here, not in every task) -> its output
-    columns as (name, Spark type)."""
+@dataclass
+class Model:
+    """A model to score with: its URI, its output columns as (name, Spark type), and its own threshold for the
+    inventory check (chosen on validation; `bincounter reconcile`'s default too)."""
+    uri: str
+    columns: list[tuple[str, str]]
+    check_threshold: float
+
+
+def check_model(model_uri: str) -> Model:
+    """Load the model on the driver (a URI that does not load fails here, not in every task) -> Model."""
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow, the network or the model's own code: all mean "does not load"
@@ -151,7 +159,11 @@ def check_model(model_uri: str) -> list[tuple[str, str]]:
     signature = model.metadata.signature
     if signature is None or signature.outputs is None:
         raise ValueError(f"model_uri {model_uri}: has no output signature: log it with bincounter.serving.log_model")
-    return [(c.name, c.type.to_spark().simpleString()) for c in signature.outputs.inputs]
+    columns = [(c.name, c.type.to_spark().simpleString()) for c in signature.outputs.inputs]
+    counter = getattr(model.unwrap_python_model(), "counter", None)
+    if counter is None:
+        raise ValueError(f"model_uri {model_uri}: not a bin counter (log it with bincounter.serving.log_model)")
+    return Model(model_uri, columns, counter.trust.check_threshold)
 
 
 _SPARK_TYPES = {"long": "long", "integer": "long", "bigint": "long", "double": "double", "float": "double",
@@ -268,7 +280,7 @@ def photo_frame(spark, photos: Photos, partitions: int = 0):
     return spark.createDataFrame(photos.rows[["image_id", "source"]], "image_id string, source string").repartition(n)
 
 
-def count_frame(spark, df, model_uri: str, columns: list[tuple[str, str]], signed: bool = False):
+def count_frame(spark, df, model: Model, signed: bool = False):
     """Photos (photo_frame) -> image_id, source, the model's columns (count, confidence, p_<c>, ...; null where
     the photo cannot be scored) and error."""
     from pyspark.sql import functions as F
@@ -277,13 +289,13 @@ def count_frame(spark, df, model_uri: str, columns: list[tuple[str, str]], signe
         return read_photos(sources, signed)
 
     read_udf = F.pandas_udf(read, "struct<content:binary,error:string>")
-    model = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", result_type=result_type(columns))
+    udf = mlflow.pyfunc.spark_udf(spark, model.uri, env_manager="local", result_type=result_type(model.columns))
     df = df.withColumn("_in", read_udf("source"))
-    df = df.withColumn("_out", model(F.col("_in.content")))
+    df = df.withColumn("_out", udf(F.col("_in.content")))
     ok = F.col("_in.error").isNull()
     out = [F.col("image_id"), F.col("source")]
     model_error = F.lit(None).cast("string")
-    for name, t in columns:
+    for name, t in model.columns:
         value = F.col(f"_out.`{name}`")
         if name == "error":
             # MLflow casts a struct's string fields with astype(str): a good row's null arrives as "None" or
@@ -419,8 +431,8 @@ def check_frame(spark, df, expected: Expected, signed: bool = False):
     return df.mapInPandas(check, schema)
 
 
-def score(spark, photos: Photos, model_uri: str, columns: list[tuple[str, str]], output: str,
-          partitions: int = 0, csv: bool = False, expected: Expected | None = None) -> dict:
+def score(spark, photos: Photos, model: Model, output: str, partitions: int = 0, csv: bool = False,
+          expected: Expected | None = None) -> dict:
     """Count `photos` with the model (and check them against `expected`) and write the output folder, replacing
     a previous score output there. -> figures: images, rows, scored, unreadable, seconds (the Spark job),
     images_per_s, partitions, output; with `expected` also `flagged` and `check`, reconcile.summary's figures."""
@@ -435,7 +447,7 @@ def score(spark, photos: Photos, model_uri: str, columns: list[tuple[str, str]],
     n_partitions = frame.rdd.getNumPartitions()
     try:
         start = time.perf_counter()
-        out = count_frame(spark, frame, model_uri, columns, photos.signed)
+        out = count_frame(spark, frame, model, photos.signed)
         if expected is not None:
             out = check_frame(spark, out, expected, photos.signed)
         out.write.parquet(new.child(TABLE))
@@ -451,7 +463,7 @@ def score(spark, photos: Photos, model_uri: str, columns: list[tuple[str, str]],
         if expected is not None:
             stats["check"] = inventory_summary(table, expected)
             stats["flagged"] = stats["check"]["bins_flagged"]
-        new.write_text(MARKER, json.dumps({"input": photos.input, "model_uri": model_uri, **stats}, indent=1))
+        new.write_text(MARKER, json.dumps({"input": photos.input, "model_uri": model.uri, **stats}, indent=1))
         target.replace(new)
     except BaseException:
         new.delete()

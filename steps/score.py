@@ -21,6 +21,14 @@ from bincounter import entry, score
 from bincounter.runs import start_step, str2bool, whole
 
 
+def optional_float(v: str) -> float | None:
+    """'' -> None (the default applies), '0.2' -> 0.2; a clear argparse error otherwise."""
+    try:
+        return None if v == "" else float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or nothing, got {v!r}") from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="a folder, an s3:// prefix, or a manifest (runs:/ URI or file)")
@@ -29,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=str2bool, default=False, help="also write scores.csv/")
     p.add_argument("--expected", default="", help="run the inventory check against this metadata folder, "
                                                   "s3:// metadata prefix or CSV image_id,expected_quantity")
-    p.add_argument("--threshold", type=float, default=0.2, help="flag a bin when p(expected quantity) is below this")
+    p.add_argument("--threshold", type=optional_float, default=None,
+                   help="flag a bin when p(expected quantity) is below this; empty: the model's own threshold")
     p.add_argument("--spark_master", default="local[*]")
     p.add_argument("--partitions", type=whole, default=0, help="0: Spark's default parallelism (one per core)")
     p.add_argument("--batch_size", type=whole, default=64, help="photos per model call (Arrow batch)")
@@ -45,14 +54,15 @@ def main(args: argparse.Namespace) -> dict:
             raise ValueError(f"batch_size must be 1 or more and partitions 0 or more, got {args.batch_size} "
                              f"and {args.partitions}")
         photos = score.list_photos(args.input, args.limit)
-        expected = score.read_expected(args.expected, args.threshold) if args.expected else None
-        columns = score.check_model(args.model_uri)
+        model = score.check_model(args.model_uri)
+        threshold = model.check_threshold if args.threshold is None else args.threshold
+        expected = score.read_expected(args.expected, threshold) if args.expected else None
         spark = score.spark_session(args.spark_master, args.batch_size)
         score.OutputFolder(spark, args.output).check()
     except ValueError as e:
         raise SystemExit(f"score: {e}") from None
     with start_step("score", args, name=f"score {len(photos.rows)} photos"):
-        stats = score.score(spark, photos, args.model_uri, columns, args.output, args.partitions, args.csv, expected)
+        stats = score.score(spark, photos, model, args.output, args.partitions, args.csv, expected)
         mlflow.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         if expected:  # reconcile's figures under its names; its `unreadable` counts bins, beside ours (photos)
             mlflow.log_metrics({"bins_unreadable" if k == "unreadable" else k: v

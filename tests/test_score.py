@@ -42,7 +42,7 @@ def model(store):
 
 
 @pytest.fixture(scope="module")
-def columns(model):
+def checked(model):
     return score.check_model(model.model_uri)
 
 
@@ -63,10 +63,10 @@ def bad_files(folder: Path) -> dict[str, str]:
 
 
 @needs_sample
-def test_the_sample_folder_gives_a_row_per_photo(spark, model, columns, tmp_path):
+def test_the_sample_folder_gives_a_row_per_photo(spark, model, checked, tmp_path):
     folder = SAMPLE / "bin-images"
     photos = score.list_photos(str(folder))
-    stats = score.score(spark, photos, model.model_uri, columns, str(tmp_path / "out"), csv=True)
+    stats = score.score(spark, photos, checked, str(tmp_path / "out"), csv=True)
     df = read_table(tmp_path / "out")
     ids = sorted(p.stem for p in find_images([folder]))
     assert len(ids) == 2017 and stats["images"] == stats["rows"] == stats["scored"] == len(df) == len(ids)
@@ -83,7 +83,7 @@ def test_the_sample_folder_gives_a_row_per_photo(spark, model, columns, tmp_path
 
 
 @needs_sample
-def test_an_s3_prefix_is_read_in_the_executors(spark, model, columns, aws, tmp_path):
+def test_an_s3_prefix_is_read_in_the_executors(spark, model, checked, aws, tmp_path):
     ids = sorted(p.stem for p in (SAMPLE / "bin-images").glob("*.jpg"))[:20]
     bucket = public_bucket(aws.url, {**sample_objects(SAMPLE, ids), "bin-images/notes.txt": b"not a photo"})
     photos = score.list_photos(f"s3://{bucket}/bin-images/")
@@ -92,7 +92,7 @@ def test_an_s3_prefix_is_read_in_the_executors(spark, model, columns, aws, tmp_p
     # local mode's Python workers start from the JVM's environment, fixed before this test pointed boto3 at moto
     spark.sparkContext.environment.update({k: os.environ[k] for k in AWS_VARS})
     try:
-        stats = score.score(spark, photos, model.model_uri, columns, str(tmp_path / "out"))
+        stats = score.score(spark, photos, checked, str(tmp_path / "out"))
     finally:
         for k in AWS_VARS:
             spark.sparkContext.environment.pop(k, None)
@@ -106,27 +106,27 @@ def test_an_s3_prefix_is_read_in_the_executors(spark, model, columns, aws, tmp_p
     assert df["count"][ok].tolist() == local["count"][ok].tolist()
 
 
-def test_a_manifest_is_scored_row_for_row(spark, model, columns, tmp_path):
+def test_a_manifest_is_scored_row_for_row(spark, model, checked, tmp_path):
     manifest = make_manifest(tmp_path / "cache", n=12, size=48)
     Path(manifest["path"][5]).unlink()  # the cache lost a file
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(tmp_path / "manifest.csv"))
-    stats = score.score(spark, score.list_photos(f"runs:/{run.info.run_id}/manifest.csv"), model.model_uri,
-                        columns, str(tmp_path / "out"))
+    stats = score.score(spark, score.list_photos(f"runs:/{run.info.run_id}/manifest.csv"), checked,
+                        str(tmp_path / "out"))
     df = read_table(tmp_path / "out")
     assert df["image_id"].tolist() == sorted(manifest["image_id"]) and stats["rows"] == 12
     bad = df[df["error"].notna()]
     assert bad["image_id"].tolist() == [manifest["image_id"][5]] and "No such file" in bad["error"].iloc[0]
 
 
-def test_five_bad_photos_among_good_ones_get_their_errors(spark, model, columns, tmp_path):
+def test_five_bad_photos_among_good_ones_get_their_errors(spark, model, checked, tmp_path):
     folder = tmp_path / "photos"
     make_manifest(folder, n=20, size=48)
     why = bad_files(folder)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "2")  # batches made of bad photos only
     try:
-        stats = score.score(spark, score.list_photos(str(folder)), model.model_uri, columns, str(tmp_path / "out"))
+        stats = score.score(spark, score.list_photos(str(folder)), checked, str(tmp_path / "out"))
     finally:
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
     df = read_table(tmp_path / "out").set_index("image_id")
@@ -140,7 +140,7 @@ def test_five_bad_photos_among_good_ones_get_their_errors(spark, model, columns,
 
 
 @needs_sample
-def test_the_inventory_check_agrees_with_bincounter_reconcile(spark, model, columns, tmp_path):
+def test_the_inventory_check_agrees_with_bincounter_reconcile(spark, model, checked, tmp_path):
     meta_ids = sorted(p.stem for p in (SAMPLE / "metadata").glob("*.json"))
     no_meta = sorted({p.stem for p in (SAMPLE / "bin-images").glob("*.jpg")} - set(meta_ids))[:10]
     photos, metadata = tmp_path / "photos", tmp_path / "metadata"
@@ -155,8 +155,8 @@ def test_the_inventory_check_agrees_with_bincounter_reconcile(spark, model, colu
     assert cli.main(["reconcile", "--images", str(photos), "--expected", str(metadata), "--model", model.model_uri,
                      "--output", str(tmp_path / "reconcile.csv")]) == 0
     want = pd.read_csv(tmp_path / "reconcile.csv", dtype={"image_id": str})
-    stats = score.score(spark, score.list_photos(str(photos)), model.model_uri, columns, str(tmp_path / "out"),
-                        expected=score.read_expected(str(metadata), 0.2))
+    stats = score.score(spark, score.list_photos(str(photos)), checked, str(tmp_path / "out"),
+                        expected=score.read_expected(str(metadata), checked.check_threshold))
     got = read_table(tmp_path / "out")
     assert len(got) == len(meta_ids) + len(no_meta)
     both = want.merge(got, on="image_id", how="left", suffixes=("", "_score"))
@@ -164,34 +164,34 @@ def test_the_inventory_check_agrees_with_bincounter_reconcile(spark, model, colu
     assert len(photo_rows) == len(got)
     assert (photo_rows["status"] == photo_rows["status_score"]).all()
     assert (photo_rows["flagged"] == photo_rows["flagged_score"]).all()
-    checked = photo_rows[photo_rows["status"] == "checked"]
-    assert len(checked) > 250  # the others' counts are 0 or over 5: outside_model_range
-    assert (checked["expected_quantity"] == checked["expected_quantity_score"]).all()
-    assert (checked["predicted"] == checked["count"]).all()
-    assert (checked["p_expected"] - checked["p_expected_score"]).abs().max() < 1e-5
+    judged = photo_rows[photo_rows["status"] == "checked"]
+    assert len(judged) > 250  # the others' counts are 0 or over 5: outside_model_range
+    assert (judged["expected_quantity"] == judged["expected_quantity_score"]).all()
+    assert (judged["predicted"] == judged["count"]).all()
+    assert (judged["p_expected"] - judged["p_expected_score"]).abs().max() < 1e-5
     assert set(photo_rows["status"]) == {"checked", "outside_model_range", "no_expected_quantity", "bad_metadata"}
-    assert stats["check"] == pytest.approx(summary(want, 0.2))
+    assert stats["check"] == pytest.approx(summary(want, checked.check_threshold))  # reconcile's default
     assert stats["check"]["no_image"] == 1 and stats["check"]["bad_metadata"] == 1
 
 
-def test_a_rerun_replaces_the_output_as_a_whole(spark, model, columns, tmp_path):
+def test_a_rerun_replaces_the_output_as_a_whole(spark, model, checked, tmp_path):
     folder = tmp_path / "photos"
     make_manifest(folder, n=10, size=48)
     out = tmp_path / "out"
-    score.score(spark, score.list_photos(str(folder)), model.model_uri, columns, str(out))
+    score.score(spark, score.list_photos(str(folder)), checked, str(out))
     first = read_table(out)
     # a run that fails in the executors (the model has no such column) leaves the previous output as it was
+    broken = score.Model(checked.uri, checked.columns + [("nope", "double")], checked.check_threshold)
     with pytest.raises(Exception, match="nope"):
-        score.score(spark, score.list_photos(str(folder), limit=4), model.model_uri,
-                    columns + [("nope", "double")], str(out))
+        score.score(spark, score.list_photos(str(folder), limit=4), broken, str(out))
     pd.testing.assert_frame_equal(read_table(out), first)
-    stats = score.score(spark, score.list_photos(str(folder), limit=4), model.model_uri, columns, str(out))
+    stats = score.score(spark, score.list_photos(str(folder), limit=4), checked, str(out))
     assert len(read_table(out)) == stats["rows"] == 4
     assert json.loads((out / score.MARKER).read_text())["rows"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos"]  # nothing left beside it
 
 
-def test_bad_input_gets_one_line_before_spark_works(spark, model, aws, tmp_path):
+def test_bad_input_gets_one_line_before_spark_works(spark, model, checked, aws, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"input .*empty: no photos"):
         score.list_photos(str(tmp_path / "empty"))
@@ -207,7 +207,7 @@ def test_bad_input_gets_one_line_before_spark_works(spark, model, aws, tmp_path)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "thesis.txt").write_text("keep me")
     with pytest.raises(ValueError, match="exists and is not a score output"):
-        score.score(spark, score.list_photos(str(model.images)), model.model_uri, [], str(tmp_path / "taken"))
+        score.score(spark, score.list_photos(str(model.images)), checked, str(tmp_path / "taken"))
     assert (tmp_path / "taken" / "thesis.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="spark_master 'localhost'"):
         score.check_master("localhost")
