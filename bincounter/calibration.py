@@ -239,7 +239,7 @@ def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str = "a
     cal = apply_temperature(probs, t)
     if len(y) < MIN_IMAGES:  # a threshold chosen on a handful of bins promises nothing
         return Trust(temperature=t, note=f"{note}; review and check thresholds left at their defaults")
-    best = decide(cal, decision)
+    best = decide(probs, decision)  # the model's own answer: the temperature changes its confidence only
     confidence, right = cal[np.arange(len(y)), best], best == y
     review = choose_review_confidence(confidence, right, target_accuracy)
     check = choose_check_threshold(cal, y, classes, target_catch)

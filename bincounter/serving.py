@@ -143,9 +143,12 @@ class BinCounter:
         return probs, errors
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:
-        """Probabilities -> count (per the model's decision rule), confidence (that count's probability),
+        """Calibrated probabilities -> count (the decision rule on the model's own distribution), confidence (that
+        count's calibrated probability),
         review (confidence below the model's review threshold: a person should look), p_<count> columns."""
-        best = decide(probs, self.decision)
+        # the count is the model's own answer: calibration changes how sure it says it is, not what it answers
+        # (the median of a softened distribution drifts towards the middle count)
+        best = decide(calibration.apply_temperature(probs, 1 / self.trust.temperature), self.decision)
         confidence = probs[np.arange(len(best)), best].astype("float64")
         out = pd.DataFrame({"count": np.asarray(self.classes)[best].astype("int64"), "confidence": confidence,
                             "review": confidence < self.trust.review_confidence})

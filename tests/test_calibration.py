@@ -139,6 +139,10 @@ def test_a_model_logged_before_calibration_loads_with_temperature_one(tiny_model
     assert (soft.max(1) < raw.max(1) + 1e-6).all()
     table = hot.table(soft)
     assert table["review"].tolist() == (table["confidence"] < 0.5).tolist()
+    # the counts stay the model's own, for the median answer too (the median of a softer distribution would drift)
+    for rule in ("argmax", "median"):
+        hot.decision = counter.decision = rule
+        assert hot.table(soft)["count"].tolist() == counter.table(raw)["count"].tolist()
 
 
 def trust_args(**kw) -> argparse.Namespace:
@@ -163,7 +167,7 @@ def test_train_fits_trust_on_validation_and_the_model_carries_it(tmp_path, calib
     assert config["check_threshold"] == run.data.metrics["check_threshold"] and 0 < config["check_threshold"] <= 1
     assert config["promise"]["measured_on"] == "validation split (40 bins)"
     assert config["promise"]["target_accuracy"] == 0.5
-    assert run.data.metrics["val_nll"] <= run.data.metrics["val_nll_raw"] + 1e-9
+    assert run.data.metrics["val_nll"] <= run.data.metrics["val_nll_raw"] + 1e-6  # (up to the search tolerance)
     if calibrate:
         assert config["temperature"] != 1.0 and "bincounter.calibration" not in run.data.tags
     else:
