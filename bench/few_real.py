@@ -142,6 +142,7 @@ def trust_of(train: str, split_id: str, log: Path, resamples: int = 500) -> dict
     from bincounter.runs import download
 
     m = metrics_of(train)
+    curves = {}
     out = {"train_run_id": train, "temperature": m.get("temperature", 1.0),
            "check_threshold": m.get("check_threshold", calibration.DEFAULT_CHECK_THRESHOLD),
            "review_confidence": m.get("review_confidence", 0.0)}
@@ -160,12 +161,26 @@ def trust_of(train: str, split_id: str, log: Path, resamples: int = 500) -> dict
             return {"accuracy": float(right.mean()),
                     **calibration.trust_metrics(probs, y, right, conf, review, classes, threshold)}
 
+        curves[key] = calibration.table_arrays(preds, classes)
         rng = np.random.default_rng(0)
         boots = [figures(preds.iloc[rng.integers(0, len(preds), len(preds))]) for _ in range(resamples)]
         value = figures(preds)
         out[key] = {k: (v, float(np.nanstd([b[k] for b in boots]))) for k, v in value.items() if k in TRUST}
         out["test_size"] = len(preds)
+    plot_trust(curves, RESULTS.parent / f"trust_{train}")
     return out
+
+
+def plot_trust(curves: dict, prefix: Path) -> None:
+    """The test split's reliability diagram before and after calibration, and the coverage curve after it, as
+    <prefix>_reliability.png and <prefix>_coverage.png."""
+    from bincounter import calibration, metrics
+
+    (bp, by, *_), (ap, ay, right, conf, review) = curves["before"], curves["after"]
+    metrics.plot_reliability(calibration.reliability(bp, by), calibration.reliability(ap, ay), "real test bins") \
+        .savefig(f"{prefix}_reliability.png", dpi=100)
+    cov, acc = calibration.coverage_curve(conf, right)
+    metrics.plot_coverage(cov, acc, float(1 - review.mean()), "real test bins").savefig(f"{prefix}_coverage.png", dpi=100)
 
 
 def trust_table(rows: list[dict]) -> str:
