@@ -449,6 +449,8 @@ def wrap_distributed(fit: Fit) -> None:
     # each process a disjoint share; order depends on (seed, epoch) only, as in train_epochs
     fit.sampler = DistributedSampler(fit.train_ds, num_replicas=fit.world, rank=fit.rank, shuffle=True,
                                      seed=fit.cfg.seed * 1000)
+    # DDP syncs the parameters that take gradients when it is made: the frozen blocks (trainable_blocks) must not
+    set_train_mode(fit.net, fit.cfg, fit.epoch + 1)
     fit.model = nn.parallel.DistributedDataParallel(
         fit.net, device_ids=[fit.device.index] if fit.device.type == "cuda" else None)
     if fit.lead:

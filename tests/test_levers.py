@@ -200,3 +200,41 @@ def test_trainable_blocks_out_of_range_lists_the_valid_range(arch, most):
         TrainConfig(arch=arch, trainable_blocks=-1).validate()
     with pytest.raises(ValueError, match="need pretrained weights"):
         TrainConfig(arch=arch, weights="none", trainable_blocks=1).validate()
+
+
+DDP_SCRIPT = '''
+import os, sys, pathlib, torch, mlflow
+sys.path[:0] = [{root!r}, {tests!r}]
+from helpers_data import make_manifest
+from bincounter.manifest import stratified_split
+from bincounter.training import TrainConfig, train_run
+rank = int(os.environ["RANK"])
+parts = stratified_split(make_manifest(pathlib.Path({tmp!r}) / f"img{{rank}}", n=40, size=72), (0.6, 0.2, 0.2), seed=0)
+cfg = TrainConfig(arch="resnet18", weights={weights!r}, image_size=64, epochs=2, max_steps=2, batch_size=4,
+                  trainable_blocks=1)
+mlflow.set_tracking_uri({uri!r})
+if rank == 0:
+    mlflow.start_run()
+print("rank", rank, "best epoch", train_run(cfg, parts["train"], parts["val"], checkpoint=False)["best_epoch"])
+'''
+
+
+@pytest.mark.slow
+def test_trainable_blocks_under_distributed_data_parallel(tmp_path):
+    """Slow (two torchrun processes, about a minute): DDP syncs the parameters that take gradients when it is
+    made, so the frozen blocks must be frozen by then (without it: 'Expected to have finished reduction')."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    weights = tmp_path / "start.pt"
+    torch.save(build_model("resnet18", 1000).state_dict(), weights)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), tmp=str(tmp_path),
+                                        weights=str(weights), uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 0 best epoch" in p.stdout and "rank 1 best epoch" in p.stdout
