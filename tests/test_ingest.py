@@ -194,16 +194,16 @@ def bad_items() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("source", ["local", "s3"])
 def test_bad_items_are_rejected_and_the_run_succeeds(source, tmp_path):
-    """Through `mlflow run` from a local folder; in-process (quicker) from moto S3."""
+    """From a local folder and from moto S3, in-process (the step through `mlflow run` is the synthetic test's)."""
     objects = bad_items()
     fl = file_list(tmp_path / "file_list.json", GOOD | {i: c for i, (c, _, _) in BAD.items()})
     params = {"source": source, "file_list": fl, "cache_dir": tmp_path / "cache", "image_size": 64, "workers": 4}
     if source == "local":
-        run_entry("ingest", params | {"data_dir": write_folder(tmp_path / "abid", objects)})
+        params |= {"data_dir": write_folder(tmp_path / "abid", objects)}
     else:
         endpoint = moto_endpoint()
         params |= {"endpoint_url": endpoint, "bucket": public_bucket(endpoint, objects)}
-        step.main(parse(*[f"--{k}={v}" for k, v in params.items()]))
+    step.main(parse(*[f"--{k}={v}" for k, v in params.items()]))
     run = last_run("ingest")
     assert run.info.status == "FINISHED"
     m = read_manifest(artifact(run, "manifest.csv")).set_index("image_id")
@@ -282,10 +282,10 @@ def check_manifest(m: pd.DataFrame, expected: pd.DataFrame, bucket: str, cache: 
 
 @needs_sample
 def test_s3_sample_counts_and_rerun_from_cache(sample_bucket, tmp_path):
-    """Real images through `mlflow run`: counts as in labels.csv; an in-process rerun downloads nothing."""
+    """Real images from moto S3: counts as in labels.csv; a rerun downloads nothing."""
     _, bucket, _, expected, n_meta = sample_bucket
     n = len(expected)
-    run_entry("ingest", dict(a[2:].split("=", 1) for a in s3_args(sample_bucket, tmp_path / "cache")))
+    step.main(parse(*s3_args(sample_bucket, tmp_path / "cache")))
     first = last_run("ingest")
     m1 = read_manifest(artifact(first, "manifest.csv"))
     check_manifest(m1, expected, bucket, tmp_path / "cache")

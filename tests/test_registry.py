@@ -5,7 +5,7 @@ import uuid
 
 import mlflow
 import pytest
-from conftest import last_run, run_entry
+from conftest import last_run
 from helpers_model import log_tiny_model, tiny_model  # noqa: F401 (fixture)
 from mlflow.tracking import MlflowClient
 
@@ -32,7 +32,7 @@ def evaluation(train_run_id: str | None, metrics: dict, split: str = "split-A", 
 
 
 def register(name: str, **kw) -> str:
-    """The register step in-process (the entry point itself is exercised once, below)."""
+    """The register step in-process (its entry point through MLproject is test_main's)."""
     args = register_step.get_args_parser().parse_args([])
     for k, v in {"name": name, **kw}.items():
         setattr(args, k, v)
@@ -49,13 +49,13 @@ def name() -> str:
     return f"bc-{uuid.uuid4().hex[:8]}"  # registered models are store-wide: one per test
 
 
-def test_entry_point_registers_the_best_evaluated_run_then_gates_a_worse_one(tiny_model, name, capsys):
+def test_registers_the_best_evaluated_run_then_gates_a_worse_one(tiny_model, name, capsys):
     a, b = train_run(tiny_model), train_run(tiny_model)
     evaluation(a, {"test_accuracy": 0.5, "test_rmse": 1.0})
     eval_b = evaluation(b, {"test_accuracy": 0.7, "test_rmse": 0.8})
     evaluation(a, {"test_accuracy": 0.99}, status="FAILED")  # not FINISHED: never chosen
 
-    run_entry("register", {"name": name})
+    register(name)
     client = MlflowClient()
     v1 = client.get_model_version_by_alias(name, "champion")
     assert str(v1.version) == "1" and v1.run_id == b

@@ -1,4 +1,4 @@
-"""train and evaluate: through `mlflow run`, resume after a kill, bad parameters, unreadable images."""
+"""train and evaluate: train through `mlflow run`, resume after a kill, bad parameters, unreadable images."""
 import json
 import os
 import subprocess
@@ -54,7 +54,9 @@ def test_train_then_evaluate_through_mlflow_run(tmp_path):
     assert row["count"] in range(1, 6) and 0 < row["confidence"] <= 1
     assert sum(row[f"p_{c}"] for c in range(1, 6)) == pytest.approx(1, abs=1e-4)
 
-    run_entry("evaluate", dict(model_uri=model_uri, split_run_id=split))
+    # evaluate in-process: its `mlflow run` parameter passing is test_main's and test_levers' (through MLproject)
+    from steps import evaluate
+    evaluate.main(evaluate.get_args_parser().parse_args(["--model_uri", model_uri, "--split_run_id", split]))
     ev = last_run("evaluate")
     for k in ("test_accuracy", "test_rmse", "test_mae", "test_within1_accuracy", "baseline_accuracy", "baseline_rmse"):
         assert k in ev.data.metrics, k
@@ -64,20 +66,35 @@ def test_train_then_evaluate_through_mlflow_run(tmp_path):
     assert {"test_ece", "test_nll", "test_brier", "test_check_auc"} <= ev.data.metrics.keys()
 
 
+def train_in_process(params: dict, monkeypatch, run_id: str = "") -> None:
+    """The train step's main(args) in this process; with run_id, into that run as `mlflow run --run-id` does."""
+    from steps import train
+
+    with monkeypatch.context() as m:
+        if run_id:
+            m.setenv("MLFLOW_RUN_ID", run_id)  # what `mlflow run --run-id` hands the step
+        train.main(train.get_args_parser().parse_args([f"--{k}={v}" for k, v in params.items()]))
+
+
 @pytest.mark.parametrize("data_path", ["pil", "tensor"])
-def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path, data_path):
+def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path, data_path, monkeypatch):
+    """The kill is a process (`mlflow run`, SIGKILLed after epoch 1); the pil case resumes through
+    `mlflow run --run-id` too, the tensor case and both uninterrupted references in-process (quicker)."""
     split = make_split_run(tmp_path, n=40, size=48)
     params = dict(split_run_id=split, **TINY, data_path=data_path)
     killed = run_entry("train", params, check=False, env_extra=kill_env(after_epoch=1))
     assert killed.returncode != 0
     run_id = last_run("train").info.run_id
     assert [s for s, _ in history(run_id, "val_loss")] == [1]
-    run_entry("train", params, "--run-id", run_id)
+    if data_path == "pil":
+        run_entry("train", params, "--run-id", run_id)
+    else:
+        train_in_process(params, monkeypatch, run_id)
     resumed = mlflow.get_run(run_id)
     assert resumed.info.status == "FINISHED"
     assert [s for s, _ in history(run_id, "val_loss")] == [1, 2]
 
-    run_entry("train", params)
+    train_in_process(params, monkeypatch)
     straight = last_run("train")
     assert straight.info.run_id != run_id
     for key in ("val_loss", "train_loss", "val_accuracy"):
