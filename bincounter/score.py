@@ -26,8 +26,9 @@ import io
 import json
 import os
 import re
-import sys
+import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -61,10 +62,9 @@ MASTER = re.compile(r"local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|spark://[^/]+|y
 
 @dataclass
 class Photos:
-    """What to score: `rows` (image_id, source: a local path or s3:// URI), how it is read (`kind`: folder,
-    s3 or manifest) and whether S3 is read with credentials (`signed`)."""
+    """What to score: `rows` (image_id, source: a local path or s3:// URI) and whether S3 is read with
+    credentials (`signed`)."""
     input: str
-    kind: str
     rows: pd.DataFrame
     signed: bool = False
 
@@ -77,19 +77,16 @@ def list_photos(input: str, limit: int = 0) -> Photos:
         raise ValueError(f"limit must be 0 (all) or more, got {limit}")
     signed = False
     if input.startswith("s3://"):
-        kind = "s3"
         keys, signed = _list_s3(input, limit)
         bucket = urlparse(input).netloc
         rows = pd.DataFrame({"image_id": [Path(k).stem for k in keys], "source": [f"s3://{bucket}/{k}" for k in keys]})
     elif input.startswith("runs:/") or input.endswith(".csv"):
-        kind = "manifest"
         try:
             m = read_manifest(download_uri(input))
         except (OSError, mlflow.exceptions.MlflowException) as e:
             raise ValueError(f"input {input}: cannot read the manifest ({e})") from None
         rows = pd.DataFrame({"image_id": m["image_id"], "source": [str(Path(p).resolve()) for p in m["path"]]})
     elif Path(input).is_dir():
-        kind = "folder"
         paths = [p.resolve() for p in find_images([input])]
         rows = pd.DataFrame({"image_id": [p.stem for p in paths], "source": [str(p) for p in paths]})
     else:
@@ -99,7 +96,7 @@ def list_photos(input: str, limit: int = 0) -> Photos:
         rows = rows.head(limit)
     if rows.empty:
         raise ValueError(f"input {input}: no photos there (.jpg, .jpeg or .png)")
-    return Photos(input, kind, rows.reset_index(drop=True), signed)
+    return Photos(input, rows.reset_index(drop=True), signed)
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -133,12 +130,15 @@ def _list_s3(uri: str, limit: int) -> tuple[list[str], bool]:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code == "NoSuchBucket":
                 raise ValueError(f"input {uri}: there is no bucket {bucket!r}") from None
-            if code in ("AccessDenied", "403") and not signed and boto3.session.Session().get_credentials():
-                continue  # a private bucket: list and read it with the credentials boto3 finds
-            raise ValueError(f"input {uri}: cannot list it ({code or e})") from None
+            if code not in ("AccessDenied", "403"):
+                raise ValueError(f"input {uri}: cannot list it ({code or e})") from None
+            if signed:
+                raise ValueError(f"input {uri}: not readable with the AWS credentials found") from None
+            if not boto3.session.Session().get_credentials():
+                raise ValueError(f"input {uri}: not readable anonymously, and there are no AWS credentials") from None
+            # a private bucket: list and read it with the credentials boto3 finds
         except BotoCoreError as e:
             raise ValueError(f"input {uri}: cannot reach S3 ({e})") from None
-    raise ValueError(f"input {uri}: not readable, anonymously or with the AWS credentials found")
 
 
 @dataclass
@@ -202,6 +202,9 @@ def spark_session(master: str = "local[*]", batch_size: int = 64, app_name: str 
     workers are this interpreter; Arrow batches of `batch_size` rows; one torch thread per task (Spark runs a
     task per core: more threads would fight over the same cores)."""
     check_master(master)
+    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        raise ValueError("Spark needs a Java runtime: no java on PATH and JAVA_HOME is not set "
+                         "(`make java` installs Debian's default-jre-headless)")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # else workers run another python, without pandas
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession

@@ -7,8 +7,8 @@ Writes: `output`, a folder: scores.parquet/ (scores.csv/ with csv=true), one row
 a rerun replaces it as a whole (bincounter/score.py).
 Logs: metrics images, scored, unreadable (photos), images_per_s, seconds; with `expected` flagged and
 reconcile's summary: bins_checked, bins_flagged, agreement_rate and a count per status (its `unreadable` as
-bins_unreadable); tags bincounter.output, spark.master,
-spark.default_parallelism, spark.partitions, the artifact score.json.
+bins_unreadable); tags bincounter.output, spark.master, spark.default_parallelism, spark.partitions; the
+artifact score.json (the figures, the threshold used among them).
 Runs the same under `spark-submit` or in a notebook (docs/spark.md).
 """
 from __future__ import annotations
@@ -47,20 +47,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Run the step -> the figures (score.score's). Bad input raises SystemExit with one line, before Spark
-    starts (the output path: before any Spark job)."""
-    try:
-        if args.batch_size < 1 or args.partitions < 0:
-            raise ValueError(f"batch_size must be 1 or more and partitions 0 or more, got {args.batch_size} "
-                             f"and {args.partitions}")
-        photos = score.list_photos(args.input, args.limit)
-        model = score.check_model(args.model_uri)
-        threshold = model.check_threshold if args.threshold is None else args.threshold
-        expected = score.read_expected(args.expected, threshold) if args.expected else None
-        spark = score.spark_session(args.spark_master, args.batch_size)
-        score.OutputFolder(spark, args.output).check()
-    except ValueError as e:
-        raise SystemExit(f"score: {e}") from None
+    """Run the step -> the figures (score.score's). Bad input raises ValueError naming it before Spark starts
+    (the output path: before any Spark job); entry.run makes it one line."""
+    if args.batch_size < 1 or args.partitions < 0:
+        raise ValueError(f"batch_size must be 1 or more and partitions 0 or more, got {args.batch_size} "
+                         f"and {args.partitions}")
+    photos = score.list_photos(args.input, args.limit)
+    model = score.check_model(args.model_uri)
+    threshold = model.check_threshold if args.threshold is None else args.threshold
+    expected = score.read_expected(args.expected, threshold) if args.expected else None
+    spark = score.spark_session(args.spark_master, args.batch_size)
+    score.OutputFolder(spark, args.output).check()
     with start_step("score", args, name=f"score {len(photos.rows)} photos"):
         stats = score.score(spark, photos, model, args.output, args.partitions, args.csv, expected)
         mlflow.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
