@@ -192,7 +192,8 @@ def trust_table(rows: list[dict]) -> str:
             label = ("T = 1, threshold 0.2" if key == "before" else
                      f"T = {t['temperature']:.2f}, threshold {t['check_threshold']:.3f}, review < {t['review_confidence']:.2f}")
             out.append(f"| {r['config']} | {label} | "
-                       + " | ".join(f"{t[key][k][0]:.3f} ± {t[key][k][1]:.3f}" for k in TRUST) + " |")
+                       + " | ".join(f"{t[key][k][0]:.3f} ± {t[key][k][1]:.3f}" if t[key][k][0] == t[key][k][0]
+                                    else "-" for k in TRUST) + " |")
     return "\n".join(out)
 
 

@@ -123,12 +123,16 @@ def plot_samples(paths: list[str], captions: list[str], colors: list[str], cols:
 
 def plot_reliability(raw: list[dict], calibrated: list[dict] | None = None, title: str = "test"):
     """Reliability diagram: per confidence bin (calibration.reliability rows), the accuracy of the most likely
-    count against its mean confidence, before and after calibration; the diagonal is a perfectly honest model."""
+    count against its mean confidence, before and after calibration, the marker's area the bin's share of images;
+    the diagonal is a perfectly honest model."""
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="honest")
     for rows, label, marker in ((raw, "raw", "o"), (calibrated, "calibrated", "s")):
-        if rows:
-            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, label=label)
+        if rows:  # marker area: the bin's share of images (a bin of one image says little)
+            n = sum(r["n"] for r in rows)
+            line, = ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], label=label)
+            ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker,
+                       s=[8 + 300 * r["n"] / n for r in rows], color=line.get_color())
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence of the most likely count")
