@@ -1,0 +1,58 @@
+"""What an ensemble buys against what it costs: its members and the ensemble scored on the same photos.
+
+For each model (the members, then the ensemble): images/s of the served inference path (BinCounter.probabilities:
+decode, resize, forward, calibrate) on `--images` photos, best of `--repeats`, against the first member in the
+same run; and, when the evaluate runs of each are given (`--evaluations`, in the same order), their test figures.
+
+    MLFLOW_TRACKING_URI=sqlite:///bench.db python bench/ensemble.py --ensemble runs:/<ensemble run>/model \
+        --images ../shared/abid-sample/bin-images --limit 64 --evaluations <eval 1>,<eval 2>,<eval ensemble>
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import mlflow
+
+from bincounter import serving
+
+FIGURES = ("test_accuracy", "test_rmse", "test_ece", "test_check_auc_off2", "test_check_false_alarm")
+
+
+def rate(counter: serving.BinCounter, images: list[bytes], repeats: int) -> float:
+    """Images per second of counter.probabilities over `images`, best of `repeats` (after one warm-up)."""
+    counter.probabilities(images[:2])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        counter.probabilities(images)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ensemble", required=True, help="the ensemble's model URI")
+    p.add_argument("--images", required=True, help="a folder of photos")
+    p.add_argument("--limit", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--evaluations", default="", help="evaluate run ids: each member's, then the ensemble's")
+    args = p.parse_args()
+    ensemble = serving.load(args.ensemble)
+    if not isinstance(ensemble, serving.Ensemble):
+        raise SystemExit(f"{args.ensemble} is not an ensemble")
+    images = [f.read_bytes() for f in sorted(Path(args.images).glob("*.jpg"))[:args.limit]]
+    names = [f"member {i} ({m['run_id'][:8]})" for i, m in enumerate(ensemble.config["members"])] + ["ensemble"]
+    rates = [rate(m, images, args.repeats) for m in ensemble.members] + [rate(ensemble, images, args.repeats)]
+    evals = [mlflow.get_run(e).data.metrics for e in args.evaluations.split(",")] if args.evaluations else []
+    print(f"{len(images)} photos from {args.images}; best of {args.repeats}")
+    print("| model | images/s | vs member 0 | " + " | ".join(FIGURES) + " |")
+    print("|---" * (len(FIGURES) + 3) + "|")
+    for i, (name, r) in enumerate(zip(names, rates)):
+        figures = [f"{evals[i][k]:.3f}" if i < len(evals) and k in evals[i] else "-" for k in FIGURES]
+        print(f"| {name} | {r:.1f} | {r / rates[0]:.2f} | " + " | ".join(figures) + " |")
+
+
+if __name__ == "__main__":
+    main()
