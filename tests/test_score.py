@@ -20,7 +20,7 @@ from helpers_data import make_manifest
 from helpers_model import CLASSES, build_tiny_model
 from test_serving import png_bomb
 
-from bincounter import cli, score
+from bincounter import abid, cli, score
 from bincounter.reconcile import find_images, local_predictor, predict_files, summary
 from bincounter.serving import load
 
@@ -84,15 +84,19 @@ def test_the_sample_folder_gives_a_row_per_photo(spark, model, checked, tmp_path
 
 @needs_sample
 def test_an_s3_prefix_is_read_in_the_executors(spark, model, checked, aws, tmp_path):
-    ids = sorted(p.stem for p in (SAMPLE / "bin-images").glob("*.jpg"))[:20]
-    bucket = public_bucket(aws.url, {**sample_objects(SAMPLE, ids), "bin-images/notes.txt": b"not a photo"})
+    photo_ids = sorted(p.stem for p in (SAMPLE / "bin-images").glob("*.jpg"))
+    with_metadata = {p.stem for p in (SAMPLE / "metadata").glob("*.json")}
+    ids = sorted([i for i in photo_ids if i in with_metadata][:16] + [i for i in photo_ids if i not in with_metadata][:4])
+    objects = sample_objects(SAMPLE, ids)  # the photos, and the metadata of those that have it
+    bucket = public_bucket(aws.url, {**objects, "bin-images/notes.txt": b"not a photo"})
     photos = score.list_photos(f"s3://{bucket}/bin-images/")
     assert photos.rows["image_id"].tolist() == ids and not photos.signed
     client(aws.url).delete_object(Bucket=bucket, Key=f"bin-images/{ids[3]}.jpg")  # gone since it was listed
     # local mode's Python workers start from the JVM's environment, fixed before this test pointed boto3 at moto
     spark.sparkContext.environment.update({k: os.environ[k] for k in AWS_VARS})
     try:
-        stats = score.score(spark, photos, checked, str(tmp_path / "out"))
+        expected = score.read_expected(f"s3://{bucket}/metadata/", checked.check_threshold)  # read per photo
+        stats = score.score(spark, photos, checked, str(tmp_path / "out"), expected=expected)
     finally:
         for k in AWS_VARS:
             spark.sparkContext.environment.pop(k, None)
@@ -104,6 +108,16 @@ def test_an_s3_prefix_is_read_in_the_executors(spark, model, checked, aws, tmp_p
     local = predict_files([SAMPLE / "bin-images" / f"{i}.jpg" for i in ids], local_predictor(load(model.model_uri)))
     ok = df["error"].isna()
     assert df["count"][ok].tolist() == local["count"][ok].tolist()
+    # the inventory check with the bucket's metadata, read in the executors under reconcile's rule
+    for r in df.itertuples():
+        meta = objects.get(f"metadata/{r.image_id}.json")
+        if meta is None:
+            assert r.status == "no_expected_quantity" and pd.isna(r.expected_quantity)
+        else:
+            assert r.expected_quantity == abid.parse_metadata(meta)
+            assert r.status == ("unreadable" if r.image_id == ids[3] else "checked"
+                                if r.expected_quantity in CLASSES else "outside_model_range")
+    assert 0 < stats["check"]["bins_checked"] < len(ids) and stats["check"]["no_expected_quantity"] > 0
 
 
 def test_a_manifest_is_scored_row_for_row(spark, model, checked, tmp_path):
