@@ -265,3 +265,29 @@ def test_mlflow_run_refuses_bad_input_with_one_line(tmp_path):
     assert f"score: error: input {tmp_path / 'empty'}: no photos there" in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("credentials", [False, True])
+def test_an_s3_prefix_that_refuses_reads_is_named(monkeypatch, credentials):
+    """S3 answers AccessDenied (moto does not enforce it: a stubbed client does): without credentials, and
+    with credentials that may not read either."""
+    import boto3
+    from botocore.stub import Stubber
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(var, "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    if credentials:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3 = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    stub = Stubber(s3)
+    for _ in range(2):
+        stub.add_client_error("list_objects_v2", "AccessDenied", http_status_code=403)
+    stub.activate()
+    monkeypatch.setattr(score, "_client", lambda signed, workers=16: s3)
+    why = "with the AWS credentials found" if credentials else "anonymously, and there are no AWS credentials"
+    with pytest.raises(ValueError, match=f"input s3://private-bucket/bin-images/: not readable {why}"):
+        score.list_photos("s3://private-bucket/bin-images/")
