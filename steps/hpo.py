@@ -29,17 +29,20 @@ from bincounter.training import MONITORS, TrainConfig
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split_run_id", required=True)
+    p.add_argument("--split_run_id", required=True, help="a FINISHED split run")
     p.add_argument("--max_evals", type=whole, default=8, help="number of trials")
     p.add_argument("--epochs", type=whole, default=1, help="epochs per trial")
-    p.add_argument("--subset", type=float, default=1.0, help="fraction of the train split per trial (stratified, seeded)")
+    p.add_argument("--subset", type=float, default=1.0,
+                   help="fraction of the train split per trial (stratified, seeded)")
     p.add_argument("--metric", default=TrainConfig.monitor,
-                   help=f"selection metric, one of {', '.join(MONITORS)}; each trial also keeps its best epoch by it")
+                   help=f"selection metric, one of {', '.join(MONITORS)} (rmse, mae, loss minimised; the others "
+                        "maximised); each trial also keeps its best epoch by it")
     trainer.add_model_options(p)  # the train step's, passed through to every trial
     trainer.add_lever_options(p)
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
-                   help="sagemaker: every trial is a SageMaker training job (docs/sagemaker.md)")
-    p.add_argument("--parallel_trials", type=whole, default=1, help="trials at once; more than 1 needs backend=sagemaker")
+                   help="local, or sagemaker: every trial a SageMaker training job (docs/sagemaker.md)")
+    p.add_argument("--parallel_trials", type=whole, default=1,
+                   help="trials running at once; more than 1 needs backend=sagemaker")
     trainer.add_sagemaker_options(p)
     return p
 

@@ -35,18 +35,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ingest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="s3", help="s3 (the ABID bucket), local (a folder in its layout) or synthetic")
-    p.add_argument("--file_list", default="file_list.json", help="the file_list.json to ingest (a path or runs:/ URI); 'all': every image of a local folder")
-    p.add_argument("--data_dir", default="", help="source=local: folder with bin-images/, metadata/ (and labels.csv)")
+    p.add_argument("--file_list", default="file_list.json",
+                   help="the list to ingest (a path or `runs:/` URI); `all`: every image of a local folder")
+    p.add_argument("--data_dir", default="",
+                   help="source=local: folder with `bin-images/`, `metadata/` (and `labels.csv`)")
     p.add_argument("--cache_dir", default="data", help="the local image cache")
-    p.add_argument("--bucket", default=abid.BUCKET)
+    p.add_argument("--bucket", default=abid.BUCKET, help="source=s3: the bucket (read anonymously)")
     p.add_argument("--endpoint_url", default="", help="S3 endpoint override (e.g. a local emulator)")
     p.add_argument("--limit", type=whole, default=0, help="ingest only this many (a seeded random pick); 0 = all")
     p.add_argument("--num_images", type=whole, default=1000, help="source=synthetic: how many bins to draw")
     p.add_argument("--image_size", type=whole, default=256, help="short side of the cached images, pixels")
-    p.add_argument("--count_min", type=whole, default=1)
-    p.add_argument("--count_max", type=whole, default=5)
+    p.add_argument("--count_min", type=whole, default=1, help="smaller counts are rejected")
+    p.add_argument("--count_max", type=whole, default=5, help="larger counts are rejected")
     p.add_argument("--workers", type=whole, default=16, help="concurrent downloads")
-    p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--seed", type=whole, default=42, help="seeds `limit` and the synthetic bins")
     return p
 
 

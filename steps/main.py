@@ -38,34 +38,40 @@ LEVERS = (*TUNABLE, "ordinal_weight", "label_smoothing", "balanced", "augment", 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="s3", choices=["s3", "local", "synthetic"])
-    p.add_argument("--labels", default="", help="run select on this label index (or 's3') and ingest its list")
-    p.add_argument("--file_list", default="file_list.json", help="ingest this list when labels is empty")
-    p.add_argument("--data_dir", default="")
-    p.add_argument("--cache_dir", default="data")
-    p.add_argument("--num_images", type=whole, default=1000)
-    p.add_argument("--limit", type=whole, default=0)
-    p.add_argument("--count_min", type=whole, default=1)
-    p.add_argument("--count_max", type=whole, default=5)
+    p.add_argument("--source", default="s3", choices=["s3", "local", "synthetic"],
+                   help="s3: the ABID bucket; local: a folder in its layout; synthetic: generated bins")
+    p.add_argument("--labels", default="", help="run select on this label index (or `s3`) and ingest its list")
+    p.add_argument("--file_list", default="file_list.json", help="ingest this list when `labels` is empty")
+    p.add_argument("--data_dir", default="", help="source=local: the folder")
+    p.add_argument("--cache_dir", default="data", help="the local image cache")
+    p.add_argument("--num_images", type=whole, default=1000, help="source=synthetic: how many bins to draw")
+    p.add_argument("--limit", type=whole, default=0, help="ingest only this many (a seeded random pick); 0 = all")
+    p.add_argument("--count_min", type=whole, default=1, help="smallest count (class)")
+    p.add_argument("--count_max", type=whole, default=5, help="largest count (class)")
     p.add_argument("--max_evals", type=whole, default=8, help="hpo trials; 0 skips hpo")
-    p.add_argument("--hpo_epochs", type=whole, default=1)
-    p.add_argument("--epochs", type=whole, default=10)
-    p.add_argument("--patience", type=whole, default=TrainConfig.patience, help="train's early stopping; 0 = never")
-    p.add_argument("--arch", default="resnet50", choices=list(ARCHS))
-    p.add_argument("--weights", default="imagenet")
-    p.add_argument("--image_size", type=whole, default=224)
-    p.add_argument("--max_steps", type=whole, default=0)
-    p.add_argument("--workers", type=whole, default=0, help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
+    p.add_argument("--hpo_epochs", type=whole, default=1, help="epochs per hpo trial (keep `warmup_epochs` below it)")
+    p.add_argument("--epochs", type=whole, default=10, help="most training epochs (early stopping may end sooner)")
+    p.add_argument("--patience", type=whole, default=TrainConfig.patience,
+                   help="epochs without a better `monitor` before training stops; 0 = never (the best epoch is kept "
+                        "either way)")
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS),
+                   help="the EfficientNet-Lites have ImageNet weights offline")
+    p.add_argument("--weights", default="imagenet", help="imagenet, none, a state-dict file or a model URI")
+    p.add_argument("--image_size", type=whole, default=224, help="training and serving resolution")
+    p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch; 0 = all")
+    p.add_argument("--workers", type=whole, default=0,
+                   help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
     p.add_argument("--monitor", default=TrainConfig.monitor, choices=list(MONITORS),
                    help="what hpo selects on and training keeps its best epoch by")
-    p.add_argument("--model_name", default="bin-counter")
-    p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--model_name", default="bin-counter", help="registered model name")
+    p.add_argument("--seed", type=whole, default=42, help="seeds everything")
     p.add_argument("--refit", type=str2bool, default=False,
                    help="after train, train again with its settings and best epoch count on train + validation "
                         "(train's refit_of); the refit is evaluated and registered")
     g = p.add_argument_group("train's levers, passed to train (and hpo where it takes them); empty: train's default")
     for name in LEVERS:
-        g.add_argument(f"--{name}", default="")
+        g.add_argument(f"--{name}", default="",
+                       help="as train" + (", and to every hpo trial" if name in ENTRY_PARAMS["hpo"] else ""))
     return p
 
 

@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="bin-counter", help="registered model name")
     p.add_argument("--min_delta", type=float, default=0.0, help="how much better than the champion a version must be")
     p.add_argument("--force", type=str2bool, default=False, help="make the version champion whatever the gate says")
-    p.add_argument("--stage", default="", help="also transition the new champion to this stage (e.g. Production)")
+    p.add_argument("--stage", default="", help="also move the new champion to this stage (e.g. Production)")
     return p
 
 

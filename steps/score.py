@@ -31,17 +31,25 @@ def optional_float(v: str) -> float | None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="a folder, an s3:// prefix, or a manifest (runs:/ URI or file)")
-    p.add_argument("--model_uri", default="models:/bin-counter@champion")
-    p.add_argument("--output", default="scores", help="the output folder (a path, or s3://... on a cluster)")
-    p.add_argument("--csv", type=str2bool, default=False, help="also write scores.csv/")
+    p.add_argument("--input", required=True,
+                   help="the photos: a folder, an s3:// prefix (e.g. `s3://aft-vbi-pds/bin-images/`) or a manifest "
+                        "(`runs:/<ingest run>/manifest.csv` or a file)")
+    p.add_argument("--model_uri", default="models:/bin-counter@champion", help="any MLflow model URI")
+    p.add_argument("--output", default="scores",
+                   help="output folder (a path, or s3://... on a cluster) for `scores.parquet/` and "
+                        "`score.json`; a rerun replaces a previous score output as a whole")
+    p.add_argument("--csv", type=str2bool, default=False, help="also write `scores.csv/`")
     p.add_argument("--expected", default="", help="run the inventory check against this metadata folder, "
-                                                  "s3:// metadata prefix or CSV image_id,expected_quantity")
+                                                  "an s3:// metadata prefix or a CSV `image_id,expected_quantity`")
     p.add_argument("--threshold", type=optional_float, default=None,
-                   help="flag a bin when p(expected quantity) is below this; empty: the model's own threshold")
-    p.add_argument("--spark_master", default="local[*]")
-    p.add_argument("--partitions", type=whole, default=0, help="0: Spark's default parallelism (one per core)")
-    p.add_argument("--batch_size", type=whole, default=64, help="photos per model call (Arrow batch)")
+                   help="flag a bin when p(expected quantity) is below this; empty: the model's own threshold "
+                        "(as `bincounter reconcile`)")
+    p.add_argument("--spark_master", default="local[*]",
+                   help="local[N], spark://host:port, yarn, k8s://... (under spark-submit: the same as its --master); "
+                        "a notebook's session is used as it is")
+    p.add_argument("--partitions", type=whole, default=0,
+                   help="Spark partitions of the photo list; 0 = Spark's default parallelism (one per core)")
+    p.add_argument("--batch_size", type=whole, default=64, help="photos per model call (Spark's Arrow batch)")
     p.add_argument("--limit", type=whole, default=0, help="score only the first this many photos; 0 = all")
     return p
 

@@ -17,14 +17,14 @@ from bincounter.runs import csv_ints, start_step, whole
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="select", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--labels", default="s3", help="label index CSV, or 's3' to scan the bucket's metadata/")
+    p.add_argument("--labels", default="s3", help="label index CSV, or `s3` to scan the bucket's `metadata/`")
     p.add_argument("--endpoint_url", default="", help="S3 endpoint override (e.g. a local emulator)")
-    p.add_argument("--count_min", type=whole, default=1)
-    p.add_argument("--count_max", type=whole, default=5)
+    p.add_argument("--count_min", type=whole, default=1, help="smallest count")
+    p.add_argument("--count_max", type=whole, default=5, help="largest count")
     p.add_argument("--per_count", type=csv_ints, default=csv_ints("1228,2299,2666,2373,1875"),
                    help="images per count, one number for all counts or one per count")
-    p.add_argument("--output", default="file_list.json", help="also write the list here ('' to skip)")
-    p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--output", default="file_list.json", help="also write the list here (empty: do not)")
+    p.add_argument("--seed", type=whole, default=42, help="seeds the choice")
     return p
 
 

@@ -18,11 +18,13 @@ from bincounter.runs import download, finished_run, start_step, whole
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="split", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ingest_run_id", required=True)
-    p.add_argument("--train_frac", type=float, default=0.6)
-    p.add_argument("--val_frac", type=float, default=0.2)
-    p.add_argument("--test_frac", type=float, default=0.2)
-    p.add_argument("--seed", type=whole, default=42)
+    p.add_argument("--ingest_run_id", required=True, help="a FINISHED ingest run")
+    p.add_argument("--train_frac", type=float, default=0.6,
+                   help="share of the bins to train on; the three fractions sum to 1")
+    p.add_argument("--val_frac", type=float, default=0.2,
+                   help="share to validate on (early stopping, hpo, calibration)")
+    p.add_argument("--test_frac", type=float, default=0.2, help="share held out for evaluate")
+    p.add_argument("--seed", type=whole, default=42, help="seeds the split")
     return p
 
 
