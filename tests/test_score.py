@@ -72,6 +72,7 @@ def test_the_sample_folder_gives_a_row_per_photo(spark, model, checked, tmp_path
     assert len(ids) == 2017 and stats["images"] == stats["rows"] == stats["scored"] == len(df) == len(ids)
     assert df["image_id"].tolist() == ids and df["error"].isna().all()
     assert set(df["count"]) <= set(CLASSES)
+    assert df["review"].dtype == bool  # the model's review flag travels too (a tiny model: none flagged)
     assert list(df.columns[:4]) == ["image_id", "source", "count", "confidence"] and df.columns[-1] == "error"
     assert (df[[f"p_{c}" for c in CLASSES]].sum(axis=1) - 1).abs().max() < 1e-4
     assert df["source"].iloc[0] == str(folder.resolve() / f"{ids[0]}.jpg")
