@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,sagemaker,pretrained,spark]'
 	touch $@
 
+# The fast suite on TEST_WORKERS pytest-xdist workers (a test file stays on one worker: its module fixtures are
+# made once); it prints its wall time, to compare with the README's Tests section.
+TEST_WORKERS ?= 2
 test: venv          ## the test suite without the slow tests (what CI runs first)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+	@start=$$(date +%s); PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile; \
+	rc=$$?; echo "make test: pytest took $$(( $$(date +%s) - start )) s on $(TEST_WORKERS) workers (exit $$rc)"; exit $$rc
 
 # Debian's chromium + chromium-driver for the browser test (tests/test_ui.py; a browser that downloads itself
 # fails offline). Installed with apt-get when missing; where that is impossible the test skips and says why.

@@ -11,6 +11,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
+# Under pytest-xdist (`make test` runs two workers) each worker and the steps it starts get their share of the
+# cores: torch threads oversubscribed across workers run slower than one thread each (training reads this too).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "abid-sample"
 LABELS = ROOT.parent / "shared" / "abid-labels"
