@@ -78,18 +78,15 @@ def train_in_process(params: dict, monkeypatch, run_id: str = "") -> None:
 
 @pytest.mark.parametrize("data_path", ["pil", "tensor"])
 def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path, data_path, monkeypatch):
-    """The kill is a process (`mlflow run`, SIGKILLed after epoch 1); the pil case resumes through
-    `mlflow run --run-id` too, the tensor case and both uninterrupted references in-process (quicker)."""
+    """The kill is a process (`mlflow run`, SIGKILLed after epoch 1); the resume into the killed run and the
+    uninterrupted reference run in-process (`mlflow run --run-id` itself: test_hpo's kill, test_faults)."""
     split = make_split_run(tmp_path, n=40, size=48)
     params = dict(split_run_id=split, **TINY, data_path=data_path)
     killed = run_entry("train", params, check=False, env_extra=kill_env(after_epoch=1))
     assert killed.returncode != 0
     run_id = last_run("train").info.run_id
     assert [s for s, _ in history(run_id, "val_loss")] == [1]
-    if data_path == "pil":
-        run_entry("train", params, "--run-id", run_id)
-    else:
-        train_in_process(params, monkeypatch, run_id)
+    train_in_process(params, monkeypatch, run_id)
     resumed = mlflow.get_run(run_id)
     assert resumed.info.status == "FINISHED"
     assert [s for s, _ in history(run_id, "val_loss")] == [1, 2]
