@@ -1,5 +1,5 @@
-"""The README's parameter table is MLproject's, the README shows the commands a newcomer needs, and every command
-the README and docs/ tell a user to run names an entry point, parameter, option, target or script that exists."""
+"""The README shows the commands a newcomer needs, and every command the README and docs/ tell a user to run names
+an entry point, parameter, option, target or script that exists (docs/parameters.md: tests/test_docs.py)."""
 import argparse
 import importlib
 import re
@@ -11,21 +11,6 @@ from bincounter import cli
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-
-
-def readme_rows() -> dict[tuple[str, str], str]:
-    rows = {}
-    for m in re.finditer(r"^\| (\w+) \| `(\w+)` \| ([^|]+) \|", README, re.M):
-        default = m.group(3).strip()
-        rows[(m.group(1), m.group(2))] = "" if default == '`""`' else default.strip("`")
-    return rows
-
-
-def test_parameter_table_matches_mlproject():
-    project = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
-    expected = {(e, p): ("(required)" if "default" not in spec else str(spec["default"]))
-                for e, entry in project.items() for p, spec in entry.get("parameters", {}).items()}
-    assert readme_rows() == expected
 
 
 def test_readme_has_the_commands():
@@ -121,3 +106,11 @@ def test_links_between_pages_resolve():
             if path and not re.match(r"\w+://", target) and not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_the_readme_links_every_reference_page_and_speaks_to_users():
+    """A newcomer finds each page under docs/ from the README; no page points at the project's issue numbers."""
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in README, f"the README does not link docs/{page.name}"
+    for page in PAGES:
+        assert not re.search(r"\bissues? \d+", page.read_text(), re.I), f"{page.name} names an issue number"
