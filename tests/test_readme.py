@@ -97,13 +97,22 @@ def test_the_checker_catches_a_wrong_command():
     assert problems_of("python bench/score.py --imgs 5")[1] == ["bench/score.py has no option --imgs"]
 
 
+def anchors(page) -> set[str]:
+    """The #anchors GitHub gives a markdown page's headings."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
 def test_links_between_pages_resolve():
-    """Every relative link and image of the README and docs/ names a file that exists (anchors not checked)."""
+    """Every relative link and image of the README and docs/ names a file that exists, and a heading there."""
     broken = []
     for page in PAGES:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            path = target.split("#")[0]
-            if path and not re.match(r"\w+://", target) and not (page.parent / path).exists():
+            path, _, anchor = target.partition("#")
+            if re.match(r"\w+://", target):
+                continue
+            dest = page.parent / path if path else page
+            if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
 
