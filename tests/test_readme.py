@@ -43,6 +43,8 @@ def problems_of(line: str) -> tuple[str, list[str]]:
     while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value prefixes
         words.pop(0)
     opts = [w.split("=")[0] for w in words if w.startswith("--")]
+    if not words:
+        return "", []
     if words[:3] == ["mlflow", "run", "."]:
         entry = words[words.index("-e") + 1] if "-e" in words else "main"
         if entry not in PROJECT:
