@@ -44,7 +44,7 @@ java:
 	  || echo "make java: could not install default-jre-headless; the Spark tests will skip"; \
 	else echo "make java: not root and no sudo: default-jre-headless not installed; the Spark tests will skip"; fi
 
-ui-screenshots: venv browser  ## the README's MLflow UI screenshots (docs/images/ui_*.png) from the browser test
+ui-screenshots: venv browser  ## the MLflow UI screenshots of docs/ui.md (docs/images/ui_*.png) from the browser test
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python scripts/ui_screenshots.py
 
 test-slow: venv browser  ## only the slow tests (learning, random kills, tracking server, the UI in a browser)

@@ -45,13 +45,13 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "pretrain+levers": {**LEVERS, "pretrain": {"num_images": 3000, "epochs": 4}},
     "pretrain+plain": {"pretrain": {"num_images": 3000, "epochs": 4}},
     "levers-long": {**LEVERS, "epochs": 60, "patience": 15},
-    # the README's recipe: the levers, and the model answers the median with test-time augmentation
+    # the from-scratch recipe (docs/real-bins.md): the levers, and the model answers the median with test-time augmentation
     "recipe": {**LEVERS, "tta": "true", "decision": "median"},
-    # ImageNet EfficientNet-Lite0 from its wheel, fine-tuned (README: transfer learning offline)
+    # ImageNet EfficientNet-Lite0 from its wheel, fine-tuned (docs/real-bins.md)
     "lite0": LITE,
     "lite0-probe": {**LITE, "freeze": "true"},
     "lite0-levers": {**LITE, **TRANSFER},
-    # the README's Lite0 recipe as written: head first, a lower backbone rate, the median answer with TTA
+    # the Lite0 recipe as docs/real-bins.md writes it: head first, a lower backbone rate, the median answer with TTA
     "lite0-recipe": {**LITE, "freeze_epochs": 1, "backbone_lr": 0.3, "decision": "median", "tta": "true"},
     "lite0-head-first": {**LITE, "freeze_epochs": 1},
     "lite0-backbone-lr": {**LITE, "backbone_lr": 0.3},

@@ -47,7 +47,7 @@ SIZES = {
              "levers": ("efficientnet_lite0", 32, 4, 1, "0,2"),
              "hpo": {"epochs": 2, "max_steps": 2, "image_size": 32, "data_path": "pil", "workers": 0}},
 }
-# the Lite0 recipe's fixed levers (README), every trial trains with them; the rest is searched
+# the Lite0 recipe's fixed levers (docs/real-bins.md), every trial trains with them; the rest is searched
 RECIPE = {"arch": "efficientnet_lite0", "weights": "imagenet", "label_smoothing": 0.1, "warmup_epochs": 1,
           "decision": "median", "tta": "true"}
 

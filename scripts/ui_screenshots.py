@@ -1,4 +1,4 @@
-"""Make the README's MLflow UI screenshots: run the browser test (tests/test_ui.py), which saves a PNG of each
+"""Make the MLflow UI screenshots of docs/ui.md: run the browser test (tests/test_ui.py), which saves a PNG of each
 page it checks, and write them to docs/images/ as small PNGs (1000 px wide, 64-colour palette).
 
     python scripts/ui_screenshots.py [--out docs/images]

@@ -129,7 +129,7 @@ def demo_params() -> dict:
 @pytest.mark.parametrize("seed", [42])
 def test_the_demo_learns_what_the_readme_says(tmp_path, seed):
     """make demo's exact settings (one seed here; the closing note of issue 14 shows three): the champion scores
-    at least the README's floor of 0.6 test accuracy, far above the majority baseline."""
+    at least the floor of 0.6 that docs/benchmarks.md states, test accuracy, far above the majority baseline."""
     from bincounter.registry import champion_evaluation
 
     params = {**demo_params(), "cache_dir": tmp_path / "data", "seed": seed, "model_name": "bin-counter-demo-test"}
