@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The fast suite on TEST_WORKERS pytest-xdist workers (a test file stays on one worker: its module fixtures are
-# made once); it prints its wall time, to compare with the README's Tests section.
+# made once); it prints its wall time, to compare with the one the README states.
 TEST_WORKERS ?= 2
 test: venv          ## the test suite without the slow tests (what CI runs first)
 	@start=$$(date +%s); PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile; \
