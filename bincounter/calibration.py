@@ -277,7 +277,7 @@ def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: 
                         "val_ece_raw": ece(probs, y), "val_ece": ece(cal, y),
                         "val_nll_raw": nll(probs, y), "val_nll": nll(cal, y),
                         **{f"trust_{k}": v for k, v in trust.promise.items() if isinstance(v, float)}})
-    mlflow.log_figure(metrics.plot_reliability(reliability(probs, y), reliability(cal, y), "validation"),
+    metrics.log_figure(metrics.plot_reliability(reliability(probs, y), reliability(cal, y), "validation"),
                       "reliability_val.png")
     if trust.note:
         mlflow.set_tag("bincounter.calibration", trust.note)

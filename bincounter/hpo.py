@@ -47,7 +47,7 @@ from hyperopt.exceptions import AllTrialsFailed
 from hyperopt.fmin import generate_trials_to_calculate, partial
 from mlflow.tracking import MlflowClient
 
-from bincounter import training  # called as training.train_run: tests replace it
+from bincounter import metrics, training  # training.train_run: tests replace it
 from bincounter.manifest import stratified_split
 from bincounter.training import MONITORS, TUNABLE, TrainConfig
 
@@ -413,7 +413,7 @@ def run_parallel_trials(s: Search) -> None:
 def finish_search(s: Search) -> dict:
     """Plot the trials; log the best trial's `best_<tunable>` params, `best_<metric>` and tag `best_run_id`
     -> {"params", "value", "run_id", "trials"}. RuntimeError when every trial failed."""
-    mlflow.log_figure(plot_trials(s.records, s.metric, s.mode), "trials.png")
+    metrics.log_figure(plot_trials(s.records, s.metric, s.mode), "trials.png")
     plt.close("all")
     ok = [r for r in s.records if r["status"] == STATUS_OK]
     if not ok:

@@ -158,3 +158,12 @@ def plot_coverage(coverage, accuracy, review_coverage: float | None = None, titl
     ax.set_title(f"Coverage and accuracy ({title})")
     fig.tight_layout()
     return fig
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    """Log `fig` into the active run and close it (pyplot keeps every open figure: a long process would pile
+    them up)."""
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)

@@ -237,7 +237,7 @@ def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) ->
         mlflow.log_input(mlflow.data.from_pandas(train_df, name="train"), context="training")
         mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
         result = train_run(cfg, train_df, val_df, resume=args.resume, val_predictions=True)
-        mlflow.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
+        metrics.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
         trust = calibration.fit_and_log(result["val_probs"], result["val_labels"], cfg.classes, cfg.decision, args)
         log_trained_model(result, cfg, val_df["path"].iloc[0], trust)
         print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']} by {cfg.monitor}, "

@@ -111,8 +111,8 @@ def main(args: argparse.Namespace) -> str:
             write_csv(metrics.per_class_table(ok["count"], ok["predicted"], counter.classes), out / "per_count.csv")
             mlflow.log_artifact(str(out / "per_count.csv"))
             cm = metrics.confusion(ok["count"], ok["predicted"], counter.classes)
-            mlflow.log_figure(metrics.plot_confusion(cm, counter.classes), "confusion_matrix.png")
-            mlflow.log_figure(_samples(ok, test), "samples.png")
+            metrics.log_figure(metrics.plot_confusion(cm, counter.classes), "confusion_matrix.png")
+            metrics.log_figure(_samples(ok, test), "samples.png")
             trust = log_trust(ok, counter)
             print(f"evaluate: {len(ok)} images, accuracy {m['accuracy']:.3f} (baseline {base['accuracy']:.3f}), "
                   f"rmse {m['rmse']:.3f} (baseline {base['rmse']:.3f}), unreadable {len(preds) - len(ok)}; "
@@ -131,9 +131,9 @@ def log_trust(ok: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]
     out = calibration.trust_metrics(probs, y, right, conf, review, classes, counter.trust.check_threshold)
     out = {f"test_{k}": v for k, v in out.items()}
     mlflow.log_metrics(out)
-    mlflow.log_figure(metrics.plot_reliability(calibration.reliability(probs, y)), "reliability.png")
+    metrics.log_figure(metrics.plot_reliability(calibration.reliability(probs, y)), "reliability.png")
     cov, acc = calibration.coverage_curve(conf, right)
-    mlflow.log_figure(metrics.plot_coverage(cov, acc, 1 - out["test_review_rate"]), "coverage.png")
+    metrics.log_figure(metrics.plot_coverage(cov, acc, 1 - out["test_review_rate"]), "coverage.png")
     return out
 
 

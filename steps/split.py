@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> str:
             write_csv(part, Path(tmp) / "splits" / f"{name}.csv")
             mlflow.log_metric(f"{name}_size", len(part))
         mlflow.log_artifacts(str(Path(tmp) / "splits"), "splits")
-        mlflow.log_figure(metrics.plot_histogram({k: v["count"] for k, v in splits.items()}), "class_histogram.png")
+        metrics.log_figure(metrics.plot_histogram({k: v["count"] for k, v in splits.items()}), "class_histogram.png")
         print("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
         return run.info.run_id
 
