@@ -133,14 +133,8 @@ def plot_reliability(raw: list[dict], calibrated: list[dict] | None = None, titl
             line, = ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], label=label)
             ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker,
                        s=[8 + 300 * r["n"] / n for r in rows], color=line.get_color())
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence of the most likely count")
-    ax.set_ylabel("share right")
-    ax.set_title(f"Reliability ({title})")
     ax.legend()
-    fig.tight_layout()
-    return fig
+    return _unit_square(fig, ax, "confidence of the most likely count", "share right", f"Reliability ({title})")
 
 
 def plot_coverage(coverage, accuracy, review_coverage: float | None = None, title: str = "test"):
@@ -151,11 +145,17 @@ def plot_coverage(coverage, accuracy, review_coverage: float | None = None, titl
     if review_coverage is not None:
         ax.axvline(review_coverage, color="grey", linestyle=":", label="not flagged for review")
         ax.legend()
+    return _unit_square(fig, ax, "share of bins counted (most confident first)", "accuracy",
+                        f"Coverage and accuracy ({title})")
+
+
+def _unit_square(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Both axes 0..1 (shares and probabilities), labelled -> the laid-out figure."""
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("share of bins counted (most confident first)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Coverage and accuracy ({title})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 
