@@ -35,6 +35,7 @@ LEVERS = {"ordinal_weight": 1.0, "label_smoothing": 0.1, "balanced": "true", "au
 LITE = {"arch": "efficientnet_lite0", "weights": "imagenet", "image_size": 224, "epochs": 8, "patience": 0,
         "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.1, "warmup_epochs": 1, "batch_size": 32}
 TRANSFER = {"freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen"}
+RECIPE = {**LITE, "freeze_epochs": 1, "backbone_lr": 0.3, "decision": "median", "tta": "true"}
 CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" -> generated bins first
     "plain": {},
     "levers": LEVERS,
@@ -52,12 +53,18 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "lite0-probe": {**LITE, "freeze": "true"},
     "lite0-levers": {**LITE, **TRANSFER},
     # the Lite0 recipe as docs/real-bins.md writes it: head first, a lower backbone rate, the median answer with TTA
-    "lite0-recipe": {**LITE, "freeze_epochs": 1, "backbone_lr": 0.3, "decision": "median", "tta": "true"},
+    "lite0-recipe": RECIPE,
     "lite0-head-first": {**LITE, "freeze_epochs": 1},
     "lite0-backbone-lr": {**LITE, "backbone_lr": 0.3},
     "lite0-bn-frozen": {**LITE, "bn": "frozen"},
     "lite0-288": {**LITE, "image_size": 288},  # needs a split ingested at --ingest_size 320
     "lite0-levers-288": {**LITE, **TRANSFER, "image_size": 288},
+    # issue 19's lever study: the Lite0 recipe plus one lever each
+    "recipe-bn-frozen": {**RECIPE, "bn": "frozen"},
+    "recipe-288": {**RECIPE, "image_size": 288},  # needs a split ingested at --ingest_size 320
+    "recipe-lite1": {**RECIPE, "arch": "efficientnet_lite1", "image_size": 240},
+    "recipe-lite2": {**RECIPE, "arch": "efficientnet_lite2", "image_size": 260},  # --ingest_size 320 too
+    "recipe-long": {**RECIPE, "epochs": 16},
 }
 
 
