@@ -56,6 +56,21 @@ def add_lever_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
                    help="probabilities -> count: argmax (the most likely) or median (least expected absolute error); "
                         "validation, evaluate and serving")
+    g.add_argument("--ema", type=float, default=TrainConfig.ema,
+                   help="decay per step of an exponential moving average of the weights, which is validated and kept "
+                        "instead of the weights (e.g. 0.99); 0 = off")
+    g.add_argument("--mixup", type=float, default=TrainConfig.mixup,
+                   help="mixup's alpha: train on blends of two images and their two losses (e.g. 0.2); 0 = off")
+    g.add_argument("--start_size", type=whole, default=TrainConfig.start_size,
+                   help="progressive resizing: the first epoch trains at this resolution, rising to image_size by the "
+                        "middle epoch (validation always at image_size); 0 = image_size all along")
+
+
+def lever_names() -> tuple[str, ...]:
+    """The names of add_lever_options' options: what hpo trains every trial with and main passes on."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_lever_options(p)
+    return tuple(a.dest for a in p._actions)
 
 
 def add_sagemaker_options(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -73,6 +74,11 @@ class TrainConfig:
     warmup_epochs: int = 0  # linear warm-up before the cosine decay
     tta: bool = False  # predict on the image and its mirror image (validation, evaluate and serving)
     decision: str = "argmax"  # probabilities -> count (model.decide), in validation, evaluate and serving
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights, which is validated and
+    # kept instead of the weights themselves; 0 = off
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight (pairs of images, and their losses); 0 = off
+    start_size: int = 0  # progressive resizing: the first epoch trains at this size, rising to image_size by
+    # the middle epoch (validation always at image_size); 0 = image_size all along
     # transfer-learning levers (pretrained weights): see set_train_mode, make_optimizer
     freeze_epochs: int = 0  # epochs of training the head alone (backbone frozen, in eval mode) before unfreezing;
     # no effect beside freeze=True (the head alone all along), so that hpo can draw both
@@ -101,6 +107,12 @@ class TrainConfig:
             (self.ordinal_weight >= 0, f"ordinal_weight must be >= 0, got {self.ordinal_weight}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.augment in AUGMENTS, f"augment must be one of {tuple(AUGMENTS)}, got {self.augment!r}"),
+            (not (self.augment == "trivial" and self.data_path == "tensor"),
+             "augment=trivial has no batch kernel for the tensor cache: use data_path=pil"),
+            (0 <= self.ema < 1, f"ema must be in [0, 1) (a decay per step; 0 = off), got {self.ema}"),
+            (self.mixup >= 0 and math.isfinite(self.mixup), f"mixup must be >= 0 (0 = off), got {self.mixup}"),
+            (self.start_size == 0 or 32 <= self.start_size <= self.image_size,
+             f"start_size must be 0 (off) or in 32..image_size ({self.image_size}), got {self.start_size}"),
             (self.decision in DECISIONS, f"decision must be one of {DECISIONS}, got {self.decision!r}"),
             (0 <= self.warmup_epochs < self.epochs,
              f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}"),
@@ -228,9 +240,30 @@ def set_train_mode(net: nn.Module, cfg: TrainConfig, epoch: int) -> None:
             m.eval()
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_steps: int = 0, desc: str = "train"):
+def epoch_size(cfg: TrainConfig, epoch: int) -> int:
+    """The training resolution of (1-based) `epoch`: `start_size` in the first epoch, rising linearly to
+    `image_size` by the middle epoch and staying there (progressive resizing; a multiple of 8)."""
+    if not cfg.start_size:
+        return cfg.image_size
+    ramp = max(cfg.epochs // 2, 1)
+    size = cfg.start_size + (cfg.image_size - cfg.start_size) * min(epoch - 1, ramp) / ramp
+    return min(cfg.image_size, int(round(size / 8)) * 8)
+
+
+def mix(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup: each image blended with another of the batch -> (mixed images, the partners' order, the weight
+    of the image's own label). The draws come from `generator` alone, so a resumed epoch replays them."""
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm], perm, lam
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_steps: int = 0, desc: str = "train",
+                    size: int = 0, mixup: float = 0.0, generator: torch.Generator | None = None, ema=None):
     """One pass over `loader` (at most max_steps batches; the caller has set the training mode) -> {loss,
-    accuracy}. Raises FloatingPointError on a non-finite loss (hpo records such a trial as failed)."""
+    accuracy}. `size`: resize the batches to it first (progressive resizing); `mixup`: mixup's alpha, drawn from
+    `generator`; `ema`: a torch.optim.swa_utils.AveragedModel updated after every step. Raises
+    FloatingPointError on a non-finite loss (hpo records such a trial as failed)."""
     amp = device.type == "cuda"
     total, correct, loss_sum = 0, 0, 0.0
     n = min(len(loader), max_steps) if max_steps else len(loader)
@@ -239,15 +272,22 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_ste
             break
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
+        if size and x.shape[-1] != size:
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False).contiguous(memory_format=torch.channels_last)
+        if mixup:
+            x, perm, lam = mix(x, mixup, generator)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):  # forward AND loss inside
             out = model(x)
-            loss = criterion(out, y)
+            loss = criterion(out, y) if not mixup else lam * criterion(out, y) + (1 - lam) * criterion(out, y[perm])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss.item() * len(y)
         correct += (out.argmax(1) == y).sum().item()
         total += len(y)
@@ -361,6 +401,7 @@ class Fit:
     run_id: str | None
     ckpt: Checkpointer | None
     sampler: DistributedSampler | None = None
+    ema: AveragedModel | None = None  # cfg.ema: the averaged weights, what is validated and kept
     epoch: int = 0  # the last finished epoch
     history: list = field(default_factory=list)
     best: dict | None = None  # the best epoch's state dict
@@ -373,13 +414,18 @@ class Fit:
     def lead(self) -> bool:
         return self.rank == 0
 
+    @property
+    def kept(self) -> nn.Module:
+        """What is validated and kept: the moving average of the weights when there is one, else the weights."""
+        return self.ema.module if self.ema is not None else self.net
+
     def state(self) -> dict:
         """The checkpoint: everything `restore` needs to continue exactly."""
         return {"config": asdict(self.cfg), "epoch": self.epoch, "model": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
                 "best_model": self.best, "best_epoch": self.best_epoch, "best_value": self.best_value,
-                "bad_epochs": self.bad_epochs}
+                "bad_epochs": self.bad_epochs, "ema": self.ema.state_dict() if self.ema is not None else None}
 
 
 def setup(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkpoint: bool = True) -> Fit:
@@ -402,7 +448,9 @@ def setup(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkp
     cache = open_cache(train_df, cfg.image_size, Path(os.path.commonpath(list(train_df["path"]))).parent / "tensors") \
         if cfg.data_path == "tensor" else None
     run_id = mlflow.active_run().info.run_id if rank == 0 else None
-    return Fit(cfg=cfg, net=net, model=net, optimizer=optimizer, scheduler=scheduler, cache=cache,
+    # BatchNorm statistics are averaged too (use_buffers), so the averaged model is whole as it is
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    return Fit(cfg=cfg, net=net, model=net, optimizer=optimizer, scheduler=scheduler, cache=cache, ema=ema,
                scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
                criterion=CountLoss(cfg.classes, cfg.ordinal_weight, cfg.label_smoothing).to(device),
                train_ds=train_ds, val_loader=val_loader, device=device, rank=rank, world=world, run_id=run_id,
@@ -434,6 +482,8 @@ def restore(fit: Fit, resume: bool) -> None:
     fit.scheduler.load_state_dict(state["scheduler"])
     fit.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
+    if fit.ema is not None:
+        fit.ema.load_state_dict(state["ema"])
     fit.epoch, fit.history, fit.best = state["epoch"], state["history"], state["best_model"]
     fit.best_epoch, fit.best_value, fit.bad_epochs = state["best_epoch"], state["best_value"], state["bad_epochs"]
     if fit.lead:
@@ -483,16 +533,19 @@ def train_epochs(fit: Fit) -> None:
         loader = epoch_batches(fit, epoch)
         lr = fit.optimizer.param_groups[0]["lr"]  # this epoch's (the scheduler steps after it)
         set_train_mode(fit.net, cfg, epoch)
+        size = epoch_size(cfg, epoch)
         tr = train_one_epoch(fit.model, loader, fit.criterion, fit.optimizer, fit.scaler, fit.device,
-                             cfg.max_steps, desc=f"epoch {epoch}/{cfg.epochs}")
+                             cfg.max_steps, desc=f"epoch {epoch}/{cfg.epochs} ({size} px)", size=size,
+                             mixup=cfg.mixup, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+                             ema=fit.ema)
         fit.scheduler.step()
-        va = evaluate(fit.net, fit.val_loader, fit.device, cfg.classes, cfg.tta, cfg.decision)
+        va = evaluate(fit.kept, fit.val_loader, fit.device, cfg.classes, cfg.tta, cfg.decision)
         if fit.world > 1:  # rank 0's numbers decide early stopping everywhere (BatchNorm buffers may differ a little)
             shared = [va]
             dist.broadcast_object_list(shared, src=0)
             va = shared[0]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-               **{f"val_{k}": v for k, v in va.items()}, "lr": lr}
+               **{f"val_{k}": v for k, v in va.items()}, "lr": lr, **({"train_size": size} if cfg.start_size else {})}
         fit.history.append(row)
         if fit.lead and epoch not in fit.logged:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -500,7 +553,7 @@ def train_epochs(fit: Fit) -> None:
             print("train: " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if cfg.keep_last or is_better(row[cfg.monitor], fit.best_value, cfg.monitor):
             fit.best_value, fit.best_epoch, fit.bad_epochs = row[cfg.monitor], epoch, 0
-            fit.best = {k: v.detach().cpu().clone() for k, v in fit.net.state_dict().items()}
+            fit.best = {k: v.detach().cpu().clone() for k, v in fit.kept.state_dict().items()}
         else:
             fit.bad_epochs += 1
         fit.epoch = epoch

@@ -86,24 +86,29 @@ def geometry(image_size: int) -> list:
     return [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
 
 
-AUGMENTS = {  # name -> most rotation (degrees), shift and zoom (fractions), colour jitter, hue, grey probability
-    "light": dict(degrees=0, shift=0.04, zoom=0.05, jitter=0.2, hue=0.02, grey=0.0),
-    "strong": dict(degrees=8, shift=0.08, zoom=0.1, jitter=0.3, hue=0.05, grey=0.1),
+AUGMENTS = {  # name -> most rotation (degrees), shift and zoom (fractions), colour jitter, hue, grey probability,
+    # and whether torchvision's TrivialAugmentWide (one random operation of random strength) replaces the jitter
+    "light": dict(degrees=0, shift=0.04, zoom=0.05, jitter=0.2, hue=0.02, grey=0.0, trivial=False),
+    "strong": dict(degrees=8, shift=0.08, zoom=0.1, jitter=0.3, hue=0.05, grey=0.1, trivial=False),
+    "trivial": dict(degrees=0, shift=0.04, zoom=0.05, jitter=0.0, hue=0.0, grey=0.0, trivial=True),
 }
 
 
 def augmentations(augment: str = "light") -> list:
     """The random part of TrainPreset, drawn per image, with AUGMENTS[augment]'s strengths: a shift, zoom and
     small rotation (a hard crop would cut items out and make the count wrong), a horizontal flip only (the label
-    strip and elastic bands have an up and down), colour jitter, some grey."""
+    strip and elastic bands have an up and down), colour jitter, some grey; or TrivialAugmentWide in place of
+    the colour changes (augment=trivial; PIL images only: the tensor cache has no batch kernel for it)."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {tuple(AUGMENTS)}, got {augment!r}")
     a = AUGMENTS[augment]
     return [
         T.RandomAffine(degrees=a["degrees"], translate=(a["shift"], a["shift"]), scale=(1 - a["zoom"], 1 + a["zoom"])),
         T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=a["jitter"], contrast=a["jitter"], saturation=a["jitter"], hue=a["hue"]),
+        *([T.ColorJitter(brightness=a["jitter"], contrast=a["jitter"], saturation=a["jitter"], hue=a["hue"])]
+          if a["jitter"] else []),
         *([T.RandomGrayscale(a["grey"])] if a["grey"] else []),
+        *([T.TrivialAugmentWide()] if a["trivial"] else []),
     ]
 
 

@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # the train step's parameters that every trial takes from this step
 FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "data_path", "seed",
-         "ordinal_weight", "label_smoothing", "balanced", "augment", "warmup_epochs", "tta", "decision")
+         *trainer.lever_names())
 NOT_SETTINGS = ("workers", "parallel_trials", *trainer.SAGEMAKER_OPTS)
 
 

@@ -238,3 +238,118 @@ def test_trainable_blocks_under_distributed_data_parallel(tmp_path):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rank 0 best epoch" in p.stdout and "rank 1 best epoch" in p.stdout
+
+
+def _steps(n: int, size: int = 16):
+    """n batches of 4 random images and class indices, the same for the same n."""
+    g = torch.Generator().manual_seed(n)
+    return [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 5))
+
+
+def test_ema_keeps_the_moving_average_of_every_step_and_batchnorm_statistics():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from bincounter.training import train_one_epoch
+
+    net, decay = _tiny_net(), 0.6
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    seen = []  # the weights and statistics after each step
+    opt.register_step_post_hook(lambda *_: seen.append({k: v.detach().clone() for k, v in net.state_dict().items()}))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_one_epoch(net, _steps(3), CountLoss(CLASSES), opt, scaler, torch.device("cpu"), ema=ema)
+    assert len(seen) == 3
+    for key in ("0.weight", "4.bias", "1.running_mean"):
+        # the first step is copied as it is (n_averaged 0), then e = decay * e + (1 - decay) * w; the batch
+        # statistics move in the forward pass, before the step, so the post-step copy holds them too
+        want = seen[0][key].float()
+        for s in seen[1:]:
+            want = decay * want + (1 - decay) * s[key].float()
+        assert torch.allclose(ema.module.state_dict()[key].float(), want, atol=1e-6), key
+        assert not torch.allclose(want, seen[-1][key].float()), f"{key}: the average is not the last step"
+
+
+def test_ema_model_is_what_training_validates_and_keeps(tmp_path):
+    from helpers_data import make_manifest
+
+    from bincounter.manifest import stratified_split
+    from bincounter.training import TrainConfig, train_run
+
+    parts = stratified_split(make_manifest(tmp_path / "img", n=20, size=40), (0.6, 0.2, 0.2), seed=0)
+    kept = {}
+    for ema in (0.0, 0.9):
+        cfg = TrainConfig(arch="resnet18", weights="none", image_size=32, epochs=1, max_steps=3, batch_size=4,
+                          lr=0.05, ema=ema)
+        with mlflow.start_run():
+            kept[ema] = train_run(cfg, parts["train"], parts["val"], checkpoint=False)["model"].state_dict()
+    # the same three steps from the same start (seed 42, as train_run seeds): their average stays nearer the start
+    raw, avg = kept[0.0]["fc.weight"], kept[0.9]["fc.weight"]
+    torch.manual_seed(42)
+    first = build_model("resnet18", 5, "none").state_dict()["fc.weight"]
+    assert not torch.allclose(raw, avg)
+    assert (avg - first).norm() < (raw - first).norm()
+
+
+def test_mixup_blends_pairs_by_a_seeded_weight_and_scores_both_labels():
+    from bincounter.training import mix, train_one_epoch
+
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    mixed, perm, lam = mix(x, 0.4, torch.Generator().manual_seed(3))
+    assert 0 <= lam <= 1 and sorted(perm.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    again = mix(x, 0.4, torch.Generator().manual_seed(3))
+    assert again[2] == lam and torch.equal(again[1], perm)
+    assert mix(x, 0.4, torch.Generator().manual_seed(4))[2] != lam
+
+    # the loss of a mixed batch is lam x loss(own labels) + (1 - lam) x loss(the partners' labels)
+    batches = _steps(1)
+    g = torch.Generator().manual_seed(5)
+    want_x, want_perm, want_lam = mix(batches[0][0], 0.4, g)
+    net = _tiny_net()
+    with torch.no_grad():
+        out = net.eval()(want_x)
+    ce = CountLoss(CLASSES)
+    want = want_lam * ce(out, batches[0][1]) + (1 - want_lam) * ce(out, batches[0][1][want_perm])
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    got = train_one_epoch(net.eval(), batches, ce, opt, torch.amp.GradScaler("cpu", enabled=False),
+                          torch.device("cpu"), mixup=0.4, generator=torch.Generator().manual_seed(5))
+    assert got["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_trivial_augment_replaces_the_colour_jitter_and_stays_off_the_tensor_cache():
+    from torchvision.transforms import v2 as T
+
+    from bincounter.training import TrainConfig
+    from bincounter.transforms import augmentations
+
+    kinds = [type(t) for t in augmentations("trivial")]
+    assert T.TrivialAugmentWide in kinds and T.ColorJitter not in kinds and T.RandomHorizontalFlip in kinds
+    assert T.TrivialAugmentWide not in [type(t) for t in augmentations("light")]
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    views = [TrainPreset(32, "trivial", IMAGENET_MEAN, IMAGENET_STD)(img) for _ in range(4)]
+    assert all(v.shape == (3, 32, 32) for v in views) and not torch.equal(views[0], views[1])
+    TrainConfig(augment="trivial").validate()
+    with pytest.raises(ValueError, match="augment=trivial has no batch kernel for the tensor cache"):
+        TrainConfig(augment="trivial", data_path="tensor").validate()
+
+
+def test_progressive_resizing_rises_to_the_full_size_by_the_middle_epoch_and_trains_at_it():
+    from bincounter.training import TrainConfig, epoch_size, train_one_epoch
+
+    cfg = TrainConfig(image_size=224, epochs=8, start_size=160)
+    assert [epoch_size(cfg, e) for e in range(1, 9)] == [160, 176, 192, 208, 224, 224, 224, 224]
+    assert [epoch_size(TrainConfig(image_size=224, epochs=8), e) for e in (1, 8)] == [224, 224]
+    assert epoch_size(TrainConfig(image_size=224, epochs=1, start_size=96), 1) == 96
+    net, sizes = _tiny_net(), []
+    net.register_forward_pre_hook(lambda m, a: sizes.append(tuple(a[0].shape[-2:])))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    train_one_epoch(net, _steps(2, size=16), CountLoss(CLASSES), opt, torch.amp.GradScaler("cpu", enabled=False),
+                    torch.device("cpu"), size=8)
+    assert sizes == [(8, 8), (8, 8)]

@@ -76,12 +76,16 @@ def train_in_process(params: dict, monkeypatch, run_id: str = "") -> None:
         train.main(train.get_args_parser().parse_args([f"--{k}={v}" for k, v in params.items()]))
 
 
-@pytest.mark.parametrize("data_path", ["pil", "tensor"])
-def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path, data_path, monkeypatch):
+@pytest.mark.parametrize("data_path, levers", [
+    ("pil", {}), ("tensor", {}),
+    # the levers with state or draws of their own: the weights' average, mixup's pairs, the epoch's resolution
+    ("pil", {"ema": 0.9, "mixup": 0.4, "image_size": 48, "start_size": 32}),
+])
+def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path, data_path, levers, monkeypatch):
     """The kill is a process (`mlflow run`, SIGKILLed after epoch 1); the resume into the killed run and the
     uninterrupted reference run in-process (`mlflow run --run-id` itself: test_hpo's kill, test_faults)."""
     split = make_split_run(tmp_path, n=40, size=48)
-    params = dict(split_run_id=split, **TINY, data_path=data_path)
+    params = dict(split_run_id=split, **{**TINY, **levers}, data_path=data_path)
     killed = run_entry("train", params, check=False, env_extra=kill_env(after_epoch=1))
     assert killed.returncode != 0
     run_id = last_run("train").info.run_id
@@ -111,6 +115,10 @@ def test_training_killed_after_an_epoch_resumes_to_the_same_result(tmp_path, dat
     (["--ordinal_weight", "-1"], "ordinal_weight must be >= 0"),
     (["--label_smoothing", "1"], "label_smoothing must be in"),
     (["--warmup_epochs", "10"], "warmup_epochs must be >= 0 and below epochs"),
+    (["--ema", "1"], r"ema must be in \[0, 1\)"),
+    (["--mixup", "-0.2"], "mixup must be >= 0"),
+    (["--start_size", "300"], r"start_size must be 0 \(off\) or in 32..image_size \(224\)"),
+    (["--augment", "trivial", "--data_path", "tensor"], "augment=trivial has no batch kernel"),
 ])
 def test_bad_parameters_fail_before_training_with_a_clear_message(tmp_path, override, message):
     from bincounter.model import WeightsUnavailable
