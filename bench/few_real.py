@@ -65,6 +65,10 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "recipe-lite1": {**RECIPE, "arch": "efficientnet_lite1", "image_size": 240},
     "recipe-lite2": {**RECIPE, "arch": "efficientnet_lite2", "image_size": 260},  # --ingest_size 320 too
     "recipe-long": {**RECIPE, "epochs": 16},
+    "recipe-ema": {**RECIPE, "ema": 0.98},
+    "recipe-mixup": {**RECIPE, "mixup": 0.2},
+    "recipe-trivial": {**RECIPE, "augment": "trivial"},
+    "recipe-progressive": {**RECIPE, "start_size": 160},
 }
 
 
