@@ -15,7 +15,9 @@ against bare `model(x)` forwards of the same chunks as ready tensors. Prints a t
 batch (the compute, not the data path), in the same run, interleaved, best of the repeats: the train step's
 (channels_last, every block training; on a CPU also contiguous tensors, what it used there before),
 torch.compile (inductor; its compile time reported apart), and `trainable_blocks` at each value given
-(training.set_train_mode and make_optimizer, as a train run sets them). Writes bench/results/train_levers.json.
+(training.set_train_mode and make_optimizer, as a train run sets them), and with `--start_size` progressive
+resizing: each epoch's size of train's schedule timed, and the schedule's rate over `--epochs` epochs (the
+images of an epoch each at its epoch's rate). Writes bench/results/train_levers.json.
 
     OMP_NUM_THREADS=1 python bench/train.py --arch efficientnet_lite0 --image_size 224 --batch_size 8 --steps 3 --levers 0,2,3
 """
@@ -40,7 +42,8 @@ from bincounter import synthetic, tensor_cache  # noqa: E402
 from bincounter.data import ManifestDataset, make_loader  # noqa: E402
 from bincounter.serving import MAX_BATCH, BinCounter  # noqa: E402
 from bincounter.model import build_model, get_arch  # noqa: E402
-from bincounter.training import make_optimizer, set_train_mode, setup_device, train_one_epoch, TrainConfig  # noqa: E402
+from bincounter.training import (TrainConfig, epoch_size, make_optimizer, set_train_mode, setup_device,  # noqa: E402
+                                 train_one_epoch)
 from bincounter.transforms import TrainPreset  # noqa: E402
 
 
@@ -72,7 +75,7 @@ def levers(args, device) -> dict:
     y = torch.randint(0, 5, (args.batch_size,), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
-    def variant(blocks: int = 0, channels_last: bool = True, compiled: bool = False):
+    def variant(blocks: int = 0, channels_last: bool = True, compiled: bool = False, size: int = args.image_size):
         cfg = TrainConfig(arch=args.arch, weights="none", lr=1e-3, batch_size=args.batch_size, trainable_blocks=blocks)
         net = build_model(args.arch, 5, "none").to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -81,7 +84,8 @@ def levers(args, device) -> dict:
         opt = make_optimizer(cfg, net)
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
         model = torch.compile(net) if compiled else net
-        xb = x.contiguous(memory_format=fmt)
+        xb = (x if size == args.image_size else nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                                                            antialias=True)).contiguous(memory_format=fmt)
 
         def run():
             for _ in range(args.steps):
@@ -102,6 +106,11 @@ def levers(args, device) -> dict:
     for blocks in args.levers:
         if blocks:
             runs[f"trainable_blocks={blocks}"] = variant(blocks)
+    # progressive resizing: every epoch's size of the schedule (training.epoch_size), timed at that size
+    schedule = TrainConfig(image_size=args.image_size, epochs=args.epochs, start_size=args.start_size)
+    sizes = [epoch_size(schedule, e) for e in range(1, args.epochs + 1)] if args.start_size else []
+    for size in sorted(set(sizes) - {args.image_size}):
+        runs[f"at {size} px"] = variant(size=size)
     compile_s = 0.0
     for name, run in runs.items():  # warm-up; torch.compile compiles here
         start = time.perf_counter()
@@ -115,6 +124,9 @@ def levers(args, device) -> dict:
     print(f"\n{args.arch} {args.image_size}px batch {args.batch_size}, {n} images x {args.repeats} repeats, "
           f"device {device}, threads {torch.get_num_threads()}; torch.compile compiled in {compile_s:.0f} s")
     print(f"{'training step':<32}{'img/s':>10}{'vs train':>10}")
+    if sizes:  # one epoch's images at each epoch's rate
+        rate = {size: best[today] if size == args.image_size else best[f"at {size} px"] for size in sizes}
+        best[f"start_size={args.start_size} ({args.epochs} epochs)"] = len(sizes) / sum(1 / rate[s] for s in sizes)
     for name, v in best.items():
         print(f"{name:<32}{v:>10.1f}{v / best[today]:>10.2f}")
     rows = [{"lever": name, "img_s": v, "ratio": v / best[today]} for name, v in best.items()]
@@ -241,6 +253,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="measure the fine-tuning levers instead, with these trainable_blocks values (0 = all)")
     p.add_argument("--no_compile", dest="compile", action="store_false",
                    help="--levers without the torch.compile row (its compilation takes minutes on a CPU)")
+    p.add_argument("--start_size", type=int, default=0,
+                   help="--levers: also progressive resizing from this size (train's start_size) over --epochs epochs")
+    p.add_argument("--epochs", type=int, default=8, help="--levers --start_size: the schedule's epochs")
     return p
 
 

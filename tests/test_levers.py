@@ -353,3 +353,20 @@ def test_progressive_resizing_rises_to_the_full_size_by_the_middle_epoch_and_tra
     train_one_epoch(net, _steps(2, size=16), CountLoss(CLASSES), opt, torch.amp.GradScaler("cpu", enabled=False),
                     torch.device("cpu"), size=8)
     assert sizes == [(8, 8), (8, 8)]
+
+
+def test_bench_train_times_each_epoch_size_of_progressive_resizing():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import train as bench_train
+
+    args = bench_train.get_args_parser().parse_args(
+        ["--arch", "resnet18", "--image_size", "64", "--batch_size", "2", "--steps", "1", "--repeats", "1",
+         "--levers", "0", "--no_compile", "--start_size", "32", "--epochs", "4"])
+    rows = {r["lever"]: r for r in bench_train.levers(args, torch.device("cpu"))["rows"]}
+    assert {"at 32 px", "at 48 px", "start_size=32 (4 epochs)"} <= set(rows)  # epochs at 32, 48, 64, 64
+    rates = [rows[k]["img_s"] for k in ("at 32 px", "at 48 px", "train's step (channels_last)")]
+    # the schedule's rate is the epochs' harmonic mean: within the slowest and the fastest epoch's
+    assert min(rates) <= rows["start_size=32 (4 epochs)"]["img_s"] <= max(rates)
