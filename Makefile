@@ -60,6 +60,14 @@ file-list: venv     ## rebuild the committed file_list.json from the ABID label 
 	PATH=$(CURDIR)/$(BIN):$$PATH mlflow run . -e select --env-manager local \
 	  -P labels=../shared/abid-labels/expected_quantity.csv -P output=file_list.json
 
+# What one GPU call carries (bench/gpu_sweep.py, docs/benchmarks.md "The GPU sweep"): the real sample and the
+# wheels the GPU image lacks, in the ignored .gpu_sweep/; fails when the call would carry over 64 MiB.
+GPU_SAMPLE ?= ../shared/abid-sample
+.PHONY: gpu-bundle
+gpu-bundle: venv    ## .gpu_sweep/: the real sample and the wheels a GPU sweep carries; prints the size that travels
+	$(BIN)/python bench/gpu_sweep.py --bundle $(GPU_SAMPLE)
+	du -sh --apparent-size .gpu_sweep/*
+
 tracking-server: venv  ## mlflow server on 127.0.0.1:5000 over PostgreSQL (.tracking/); prints the URI to export
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/tracking_server.sh start .tracking 5000
 

