@@ -64,6 +64,9 @@ SEARCH_SPACE = {
     "backbone_lr": {"choice": [0.1, 0.3, 1.0]},  # the backbone's lr as a fraction of the head's
     "bn": {"choice": ["batch", "frozen"]},
     "trainable_blocks": {"choice": [0, 2, 3]},  # 0: all; else the last N blocks (valid for every arch)
+    # regularisers against memorising few bins
+    "ema": {"choice": [0.0, 0.98]},  # the weights' moving average (decay per step), 0 = off
+    "mixup": {"choice": [0.0, 0.2]},  # mixup's alpha, 0 = off
 }
 assert set(SEARCH_SPACE) == set(TUNABLE), "SEARCH_SPACE must cover exactly training.TUNABLE"
 

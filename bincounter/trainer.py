@@ -56,11 +56,6 @@ def add_lever_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decision", default=TrainConfig.decision, choices=list(DECISIONS),
                    help="probabilities -> count: argmax (the most likely) or median (least expected absolute error); "
                         "validation, evaluate and serving")
-    g.add_argument("--ema", type=float, default=TrainConfig.ema,
-                   help="decay per step of an exponential moving average of the weights, which is validated and kept "
-                        "instead of the weights (e.g. 0.99); 0 = off")
-    g.add_argument("--mixup", type=float, default=TrainConfig.mixup,
-                   help="mixup's alpha: train on blends of two images and their two losses (e.g. 0.2); 0 = off")
     g.add_argument("--start_size", type=whole, default=TrainConfig.start_size,
                    help="progressive resizing: the first epoch trains at this resolution, rising to image_size by the "
                         "middle epoch (validation always at image_size); 0 = image_size all along")
@@ -106,6 +101,9 @@ TUNABLE_HELP = {
     "trainable_blocks": "train only the last N blocks of the backbone and the head (ResNets: 1-4 of their 4 stages; "
                         "EfficientNet-Lites: 1-7 of their 7 stages, the last with the head convolution); 0 = all; "
                         "needs pretrained weights",
+    "ema": "decay per step of an exponential moving average of the weights, which is validated and kept instead of "
+           "the weights (e.g. 0.98); 0 = off",
+    "mixup": "mixup's alpha: train on blends of two images, scored on both labels (e.g. 0.2); 0 = off",
 }
 
 
@@ -149,7 +147,8 @@ SAGEMAKER_OPTS = ("backend", "image_uri", "instance_type", "instance_count", "ro
 
 
 _PARSE = {"lr": float, "batch_size": whole, "weight_decay": float, "optimizer": str, "freeze": str2bool,
-          "freeze_epochs": whole, "backbone_lr": float, "bn": str, "trainable_blocks": whole}
+          "freeze_epochs": whole, "backbone_lr": float, "bn": str, "trainable_blocks": whole, "ema": float,
+          "mixup": float}
 
 
 def hparams(args: argparse.Namespace, hpo_params: dict[str, str] | None = None) -> dict:

@@ -138,7 +138,7 @@ class TrainConfig:
 
 
 TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze", "freeze_epochs", "backbone_lr", "bn",
-           "trainable_blocks")
+           "trainable_blocks", "ema", "mixup")
 
 
 def setup_distributed() -> tuple[int, int]:

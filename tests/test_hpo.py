@@ -88,7 +88,8 @@ def test_search_space_is_declared_once_and_covers_the_tunables():
     assert hpo.SEARCH_SPACE["batch_size"] == {"choice": [32, 64, 128, 256, 512]}
     assert set(hpo.SEARCH_SPACE["optimizer"]["choice"]) == {"sgd", "adamw"}
     params = {"lr": 0.001, "batch_size": 64, "weight_decay": 1e-5, "optimizer": "adamw", "freeze": True,
-              "freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen", "trainable_blocks": 2}
+              "freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen", "trainable_blocks": 2,
+              "ema": 0.98, "mixup": 0.0}
     assert hpo.to_params(hpo.to_vals(params)) == params
 
 
