@@ -61,6 +61,7 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "lite0-levers-288": {**LITE, **TRANSFER, "image_size": 288},
     # issue 19's lever study: the Lite0 recipe plus one lever each
     "recipe-bn-frozen": {**RECIPE, "bn": "frozen"},
+    "recipe-256": {**RECIPE, "image_size": 256},  # the ingest cache's own size: nothing upsampled
     "recipe-288": {**RECIPE, "image_size": 288},  # needs a split ingested at --ingest_size 320
     "recipe-lite1": {**RECIPE, "arch": "efficientnet_lite1", "image_size": 240},
     "recipe-lite2": {**RECIPE, "arch": "efficientnet_lite2", "image_size": 260},  # --ingest_size 320 too
