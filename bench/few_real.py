@@ -66,6 +66,7 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "recipe-lite1": {**RECIPE, "arch": "efficientnet_lite1", "image_size": 240},
     "recipe-lite2": {**RECIPE, "arch": "efficientnet_lite2", "image_size": 260},  # --ingest_size 320 too
     "recipe-long": {**RECIPE, "epochs": 16},
+    "recipe-bn-frozen-long": {**RECIPE, "bn": "frozen", "epochs": 16},  # bn=frozen was still learning at epoch 8
     "recipe-ema": {**RECIPE, "ema": 0.98},
     "recipe-mixup": {**RECIPE, "mixup": 0.2},
     "recipe-trivial": {**RECIPE, "augment": "trivial"},
