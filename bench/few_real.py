@@ -271,7 +271,7 @@ def table(rows: list[dict]) -> str:
                    + f" | {b['mae']:.3f} / {b['within1_accuracy']:.3f} | - |")
     for r in rows:
         cells = [f"{r[w]['accuracy']:.3f} / {r[w]['rmse']:.3f}" if w in r else "-" for w in WAYS]
-        m = r.get("median+tta", r["median"])
+        m = r.get("median+tta") or r.get("median") or r["baseline"]
         epochs = f"{r['epochs_run']} ({r['best_epoch']})" if "train_run_id" in r else "-"
         out.append(f"| {r['config']} | {epochs} | " + " | ".join(cells)
                    + f" | {m['mae']:.3f} / {m['within1_accuracy']:.3f} | {r['minutes']:.1f} |")
