@@ -1,6 +1,7 @@
-"""hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer, freeze and the transfer levers
-freeze_epochs, backbone_lr, bn, trainable_blocks (bincounter.hpo.SEARCH_SPACE, narrowed by space_for). Every
-trial trains with the same levers for few images (label_smoothing, augment, warmup_epochs, tta, decision, ...).
+"""hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer, freeze, the transfer levers
+freeze_epochs, backbone_lr, bn, trainable_blocks, and the regularisers ema and mixup (bincounter.hpo.SEARCH_SPACE,
+narrowed by space_for). Every trial trains with the same levers for few images (label_smoothing, augment,
+warmup_epochs, tta, decision, start_size, ...).
 
 Reads: a FINISHED split run's `splits/train.csv` (a stratified `subset` of it per trial), `splits/val.csv` (the
 selection metric) and `classes`; never the test split.

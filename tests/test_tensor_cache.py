@@ -210,7 +210,8 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing_to_trust(manifest, tmp_
 
 def test_device_augment_draws_its_strengths_from_the_augments_table(monkeypatch):
     from bincounter import transforms
-    monkeypatch.setitem(transforms.AUGMENTS, "none", dict(degrees=0, shift=0, zoom=0, jitter=0, hue=0, grey=0.0))
+    none = dict(degrees=0, shift=0, zoom=0, jitter=0, hue=0, grey=0.0, trivial=False)
+    monkeypatch.setitem(transforms.AUGMENTS, "none", none)
     aug = DeviceAugment(SIZE, "none", MEAN, STD)
     x = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8)
     torch.manual_seed(0)
