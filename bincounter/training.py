@@ -545,7 +545,8 @@ def train_epochs(fit: Fit) -> None:
             dist.broadcast_object_list(shared, src=0)
             va = shared[0]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-               **{f"val_{k}": v for k, v in va.items()}, "lr": lr, **({"train_image_size": size} if cfg.start_size else {})}
+               **{f"val_{k}": v for k, v in va.items()}, "lr": lr,
+               **({"train_image_size": size} if cfg.start_size else {})}
         fit.history.append(row)
         if fit.lead and epoch not in fit.logged:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
