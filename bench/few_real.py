@@ -71,6 +71,8 @@ CONFIGS = {  # name -> train parameters on top of the common ones; "pretrain" ->
     "recipe-mixup": {**RECIPE, "mixup": 0.2},
     "recipe-trivial": {**RECIPE, "augment": "trivial"},
     "recipe-progressive": {**RECIPE, "start_size": 160},
+    # ImageNet, then generated bins (a short pass: 900 training images, 3 epochs), then the real ones
+    "recipe-pretrain": {**RECIPE, "pretrain": {"num_images": 1500, "epochs": 3}},
 }
 
 
