@@ -5,15 +5,32 @@ BIN    := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export GIT_PYTHON_REFRESH = quiet
 
-.PHONY: venv browser java test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
+.PHONY: venv lock browser java test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
 
+# The venv installs exactly requirements.lock (then the project itself, without dependencies); it refuses to
+# start when pyproject.toml and the lock disagree, naming each difference and the command that refreshes it.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,sagemaker,pretrained,spark]'
+	$(BIN)/pip install -q $$(grep '^packaging==' requirements.lock)
+	$(BIN)/python -m bincounter.lock check
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+requirements.lock:
+	@echo "requirements.lock is missing: write it with 'make lock'" >&2; exit 1
+
+# The lock: pip-compile (in its own small venv, .lock-venv) resolves pyproject.toml with every extra, keeping
+# the pins it already has where they still fit; `make lock LOCK_FLAGS=--upgrade` moves every pin to the newest.
+LOCK_FLAGS ?=
+lock:               ## refresh requirements.lock from pyproject.toml (after changing a dependency)
+	test -x .lock-venv/bin/pip-compile || { $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip \
+	  && .lock-venv/bin/pip install -q pip-tools==7.7.0; }
+	.lock-venv/bin/pip-compile -q --all-extras --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_FLAGS) \
+	  -o requirements.lock pyproject.toml
 
 # The fast suite on TEST_WORKERS pytest-xdist workers (a test file stays on one worker: its module fixtures are
 # made once); it prints its wall time, to compare with the one the README states.

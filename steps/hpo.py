@@ -16,6 +16,10 @@ into its child run; `parallel_trials` of them run at once. Data and code are upl
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): import from the checkout's root,
+    import os, sys  # not from steps/, whose modules would shadow others' (select.py: the standard library's)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import tempfile
 
@@ -97,7 +101,7 @@ def main(args: argparse.Namespace) -> str:
 
                 mlflow.set_tag("bincounter.backend", "sagemaker")
                 sub = hpo.train_subset(train_df, args.subset, args.seed)  # what search trains every trial on
-                staged = sagemaker_jobs.stage(sm, f"hpo-{run.info.run_id}", classes, sub, val_df)
+                staged = sagemaker_jobs.stage(sm, f"hpo-{run.info.run_id}", args.arch, classes, sub, val_df)
                 runner = trial_runner(args, sm, train_args, make_config, classes, sub, val_df, staged)
             hpo.search(make_config, train_df, val_df, metric=args.metric, max_evals=args.max_evals,
                        subset=args.subset, seed=args.seed,

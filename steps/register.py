@@ -8,6 +8,10 @@ and `bincounter.gate_reason`; the version gets alias `challenger` and, through t
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): import from the checkout's root,
+    import os, sys  # not from steps/, whose modules would shadow others' (select.py: the standard library's)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 
 import mlflow
