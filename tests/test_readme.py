@@ -125,3 +125,42 @@ def test_the_readme_links_every_reference_page_and_speaks_to_users():
         assert f"](docs/{page.name})" in README, f"the README does not link docs/{page.name}"
     for page in PAGES:
         assert not re.search(r"\bissues? \d+", page.read_text(), re.I), f"{page.name} names an issue number"
+
+
+# How this project was developed (the tool that lent it a GPU machine, its sessions and calls) is no concern of a
+# user's: the README and docs/ speak of the product. Spark and SageMaker sessions, deploy's timeout_seconds,
+# torchvision's helpers and a tensor's device are product words, and the patterns leave them alone.
+DEVELOPMENT_WORDS = [
+    r"\b(this|that|earlier|later|previous|next|helper'?s?) sessions?\b",
+    r"\bsessions? with a device\b",
+    r"\bdevice (README|tool|call)s?\b",
+    r"\bhelper (session|agent)s?\b",
+    r"\bcarry\s*=",
+    r"\btimeout_s\b",
+    r"\bfiles_at\b",
+    r"\bbudget_left_s\b",
+    r"\bgive_back\b",
+    r"\blent\b",
+    r"\$OUT\b",
+    r"\.library/",
+]
+
+
+def development_words(text: str) -> list[str]:
+    return [m.group(0) for p in DEVELOPMENT_WORDS for m in re.finditer(p, text, re.I)]
+
+
+def test_the_pages_say_nothing_of_how_the_project_was_developed():
+    found = {page.relative_to(ROOT).as_posix(): hits for page in PAGES if (hits := development_words(page.read_text()))}
+    assert not found, found
+
+
+def test_the_development_words_are_caught_and_product_words_are_not():
+    for text in ("a session with a device copies it", 'run(command="...", carry=[".gpu_sweep"], timeout_s=600)',
+                 "downloaded as the device README's Notes say", "measured in an earlier session on the same split",
+                 "the tables come back under the call's `files_at`", "--out $OUT", "this session's time"):
+        assert development_words(text), text
+    for text in ("the SageMaker session uses your credentials", "score, with the Spark session's start",
+                 "in a notebook (a session already exists)", "-C synchronous=True -C timeout_seconds=1200",
+                 "torchvision's private v2 helpers", "the model moves to the CUDA device", "a silent failure"):
+        assert not development_words(text), text
