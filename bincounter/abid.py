@@ -13,6 +13,14 @@ BUCKET = "aft-vbi-pds"
 IMAGE_PREFIX = "bin-images/"
 METADATA_PREFIX = "metadata/"
 
+# The natural mix of counts 1-5 in ABID: images per EXPECTED_QUANTITY in the 407,648-image label index
+# `../shared/abid-labels/expected_quantity.csv` (every row counted once, counts 0 and 6+ left out), as
+# `collections.Counter(read_label_index(path).values())`; tests/test_priors.py recounts the file when it is there.
+# NATURAL_MIX is these counts over their sum (351,066): about 11.7 / 21.9 / 25.7 / 22.9 / 17.8 %. It is the
+# `natural` target mix of the prior correction (calibration.resolve_mix).
+NATURAL_COUNTS = {1: 41_147, 2: 76_863, 3: 90_058, 4: 80_550, 5: 62_448}
+NATURAL_MIX = {c: n / sum(NATURAL_COUNTS.values()) for c, n in NATURAL_COUNTS.items()}
+
 
 class MetadataError(ValueError):
     """Metadata that cannot be read or has no usable EXPECTED_QUANTITY."""

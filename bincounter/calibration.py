@@ -12,6 +12,11 @@ Two thresholds are chosen on validation and travel in the model's config:
   it. Chosen so that `target_catch` of the wrong records that are off by two or more are flagged on validation.
 The inventory check seen as a detector: every bin and every count c is a record "this bin holds c", right when c
 is the true count and wrong otherwise; p(c) is its score.
+
+Prior correction: a model learns the mix of counts it was trained on (`train_mix`), which need not be the mix of
+the bins it counts (a skewed source, a warehouse of its own). With a `target_mix`, the calibrated probabilities
+are divided by the training mix, multiplied by the target mix and renormalised (`prior_weights`, `apply_prior`):
+p(c) ∝ p_calibrated(c) · target(c) / train(c). `train` is no correction.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import mlflow
 import numpy as np
 
+from bincounter import abid
 from bincounter.model import decide
 from bincounter.runs import fraction, str2bool
 
@@ -33,6 +39,10 @@ TARGET_ACCURACY = 0.8  # review: the counts not flagged are right this often (tr
 TARGET_CATCH = 0.9  # the check flags this share of the records off by FAR_OFF or more (train's target_catch)
 DEFAULT_CHECK_THRESHOLD = 0.2  # what reconcile used before thresholds were fitted (models logged before)
 FAR_OFF = 2  # records off by at least this many items: the ones the check must catch
+TRAIN_MIX = "train"  # target_mix: no prior correction (what models logged before train_mix get)
+NATURAL = "natural"  # target_mix: ABID's natural mix of counts 1-5 (abid.NATURAL_MIX)
+MIX_TOLERANCE = 1e-3  # explicit target shares must sum to one within this
+MIX_EXAMPLE = "1:0.12,2:0.22,3:0.26,4:0.23,5:0.17"
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -44,6 +54,124 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     logp -= np.where(np.isnan(logp), -np.inf, logp).max(1, keepdims=True)  # NaN rows (bad images) stay NaN
     e = np.exp(logp)
     return e / e.sum(1, keepdims=True)
+
+
+def parse_mix(spec: str) -> str | dict[int, float]:
+    """A target_mix as given -> `train`, `natural` or {count: share}. What can be checked without a model: the
+    form `count:share,...`, each count once, shares positive and finite, summing to one (MIX_TOLERANCE).
+    Raises ValueError naming target_mix, what is wrong and the valid forms."""
+    text = str(spec).strip()
+    if text in (TRAIN_MIX, NATURAL):
+        return text
+    valid = f"expected {TRAIN_MIX}, {NATURAL} or shares of every count like {MIX_EXAMPLE}"
+    mix: dict[int, float] = {}
+    for part in text.split(","):
+        count, _, share = part.partition(":")
+        try:
+            c, v = int(count), float(share)
+        except ValueError:
+            raise ValueError(f"target_mix: {valid}; got {spec!r} ({part.strip()!r} is not count:share)") from None
+        if c in mix:
+            raise ValueError(f"target_mix: count {c} is given twice in {spec!r}")
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"target_mix: the share of count {c} is {share.strip()}; shares must be positive "
+                             f"(a share of 0 would rule the count out whatever the photo shows: give a small one)")
+        mix[c] = v
+    total = sum(mix.values())
+    if abs(total - 1) > MIX_TOLERANCE:
+        raise ValueError(f"target_mix: the shares in {spec!r} sum to {total:.4g}, not 1 (tolerance {MIX_TOLERANCE})")
+    return mix
+
+
+def mix_option(spec: str) -> str:
+    """argparse type of the target_mix options: the text, checked by parse_mix (empty passes: the model's own)."""
+    if str(spec).strip() == "":
+        return ""
+    try:
+        parse_mix(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("target_mix: ")) from None
+    return str(spec).strip()
+
+
+def resolve_mix(spec: str, classes: list[int]) -> np.ndarray | None:
+    """A target_mix and the model's counts -> the target shares in the classes' order, or None for `train` (no
+    correction). `natural`: abid.NATURAL_MIX over the model's counts, renormalised; refused when the model knows
+    counts outside 1-5 (give shares then). Explicit shares must name every count the model knows and no other."""
+    mix = parse_mix(spec)
+    known = ", ".join(map(str, classes))
+    if mix == TRAIN_MIX:
+        return None
+    if mix == NATURAL:
+        outside = [c for c in classes if c not in abid.NATURAL_MIX]
+        if outside:
+            raise ValueError(f"target_mix: {NATURAL} is ABID's mix of counts {min(abid.NATURAL_MIX)}-"
+                             f"{max(abid.NATURAL_MIX)}, but the model also counts {', '.join(map(str, outside))}; "
+                             f"give shares of its counts ({known}) like {MIX_EXAMPLE}, or {TRAIN_MIX}")
+        shares = np.array([abid.NATURAL_MIX[c] for c in classes])
+        return shares / shares.sum()
+    unknown = sorted(set(mix) - set(classes))
+    if unknown:
+        raise ValueError(f"target_mix: the model does not count {', '.join(map(str, unknown))}; "
+                         f"its counts are {known}")
+    missing = [c for c in classes if c not in mix]
+    if missing:
+        raise ValueError(f"target_mix: no share for count {', '.join(map(str, missing))}; give a share for every "
+                         f"count the model knows ({known})")
+    return np.array([mix[c] for c in classes], dtype=np.float64)
+
+
+def train_mix(counts, classes: list[int], balanced: bool = False) -> list[float]:
+    """The mix of counts a model learned from, in the classes' order: the shares of the training bins' counts, or
+    equal shares of the counts present when training drew every count equally often (`balanced`)."""
+    counts = np.asarray(counts)
+    n = np.array([np.sum(counts == c) for c in classes], dtype=np.float64)
+    if balanced:
+        n = (n > 0).astype(np.float64)
+    if n.sum() == 0:
+        raise ValueError(f"train_mix: no training bin has one of the counts {classes}")
+    return [float(x) for x in n / n.sum()]
+
+
+def prior_weights(train: list[float] | None, spec: str, classes: list[int]) -> np.ndarray | None:
+    """target(c) / train(c) per class for `apply_prior`, or None: no correction (target_mix `train`). Refuses a
+    target other than `train` for a model without its training mix (logged before train_mix existed) or one
+    that saw no training bin of some count (its probabilities hold nothing to re-weight there)."""
+    target = resolve_mix(spec, classes)
+    if target is None:
+        return None
+    if train is None:
+        raise ValueError(f"target_mix: this model was logged without its training mix (train_mix), so its "
+                         f"probabilities cannot be moved to another mix; use target_mix={TRAIN_MIX}")
+    train = np.asarray(train, dtype=np.float64)
+    if train.shape != target.shape:
+        raise ValueError(f"train_mix: {len(train)} shares for the model's {len(classes)} counts")
+    if (train <= 0).any():
+        unseen = [c for c, t in zip(classes, train) if t <= 0]
+        raise ValueError(f"target_mix: the model saw no training bin of count {', '.join(map(str, unseen))}, so "
+                         f"its probabilities cannot be moved to another mix; use target_mix={TRAIN_MIX}")
+    return target / train
+
+
+def apply_prior(probs: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Probabilities [N, C] -> p · weights, renormalised per row (rows of NaN stay NaN); None: unchanged."""
+    if weights is None:
+        return probs
+    p = np.asarray(probs, dtype=np.float64) * np.asarray(weights, dtype=np.float64)[None, :]
+    return p / p.sum(1, keepdims=True)
+
+
+def format_mix(classes: list[int], shares) -> str:
+    """Counts and their shares -> `1:0.117,2:0.219,...` (the form target_mix takes)."""
+    return ",".join(f"{c}:{s:.3g}" for c, s in zip(classes, shares))
+
+
+def describe_mix(spec: str, classes: list[int]) -> str:
+    """A target_mix for the logs: `train`, `natural (1:0.117,2:0.219,...)` (the shares as applied), or the shares."""
+    target = resolve_mix(spec, classes)
+    if target is None:
+        return TRAIN_MIX
+    return f"{spec} ({format_mix(classes, target)})" if spec == NATURAL else spec
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
@@ -166,6 +294,13 @@ def check_figures(probs: np.ndarray, y: np.ndarray, classes: list[int], threshol
             "check_false_alarm": float(np.mean(right < threshold))}
 
 
+def false_alarm_at_catch(probs: np.ndarray, y: np.ndarray, classes: list[int], target: float = TARGET_CATCH) -> float:
+    """The share of right records flagged when the check's threshold is chosen on these same bins to flag `target`
+    of the far-off records (choose_check_threshold, check_figures): what the check costs at a fixed catch, whatever
+    threshold the model carries (one fitted on another mix of bins may sit anywhere on these)."""
+    return check_figures(probs, y, classes, choose_check_threshold(probs, y, classes, target))["check_false_alarm"]
+
+
 def table_arrays(rows, classes: list[int]):
     """A predictions table (count, predicted, confidence, review, p_<c>; rows whose count is a class) ->
     (probs [N, C], true class indices, right, confidence, review) as numpy arrays."""
@@ -177,12 +312,14 @@ def table_arrays(rows, classes: list[int]):
 
 def trust_metrics(probs, y, right, confidence, review, classes: list[int], threshold: float) -> dict[str, float]:
     """How far scored bins' probabilities can be trusted: ece, nll, brier, the accuracy of the 25 % / 50 % most
-    confident counts, the inventory check as a detector at `threshold` (check_figures), the share flagged for
+    confident counts, the inventory check as a detector at `threshold` (check_figures) and at a threshold that
+    catches TARGET_CATCH of the far-off records here (`check_false_alarm_at_catch_90`), the share flagged for
     review and the accuracy of the others."""
     return {"ece": ece(probs, y), "nll": nll(probs, y), "brier": brier(probs, y),
             "selective_accuracy_25": selective_accuracy(confidence, right, 0.25),
             "selective_accuracy_50": selective_accuracy(confidence, right, 0.50),
             **check_figures(probs, y, classes, threshold),
+            f"check_false_alarm_at_catch_{round(100 * TARGET_CATCH)}": false_alarm_at_catch(probs, y, classes),
             "review_rate": float(review.mean()),
             "unflagged_accuracy": float(right[~review].mean()) if (~review).any() else float("nan")}
 
@@ -287,19 +424,19 @@ def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: 
     return trust
 
 
-def describe_check(trust: Trust, threshold: float) -> str:
+def describe_check(trust: Trust, threshold: float, target_mix: str = TRAIN_MIX) -> str:
     """What the inventory check's threshold promises, in words an operator reads (the validation figures hold
-    only at the model's own threshold)."""
+    only at the model's own threshold, and at the training mix of counts)."""
     first = f"A record is flagged when the model gives its quantity a probability below {threshold:.3g}."
     if not trust.promise or threshold != trust.check_threshold:
         return first
     p = trust.promise
     return (f"{first} Measured on the model's {p['measured_on']}: of records off by two or more, "
             f"{_share(p['check_catch_off2'])} are flagged; of all wrong records, {_share(p['check_catch'])}; "
-            f"and {_share(p['check_false_alarm'])} of right records are flagged too.")
+            f"and {_share(p['check_false_alarm'])} of right records are flagged too.{_mix_caveat(target_mix)}")
 
 
-def describe_review(trust: Trust) -> str:
+def describe_review(trust: Trust, target_mix: str = TRAIN_MIX) -> str:
     """What the `review` column promises, in words, from the validation figures."""
     p = trust.promise
     if not p:
@@ -309,7 +446,16 @@ def describe_review(trust: Trust) -> str:
                 f"{p['measured_on']}: every count is flagged for review.")
     return (f"Counts with confidence below {trust.review_confidence:.3g} are flagged for review "
             f"({_share(p['review_rate'])} of the {p['measured_on']}); the others were right "
-            f"{p['kept_accuracy']:.0%} of the time there.")
+            f"{p['kept_accuracy']:.0%} of the time there.{_mix_caveat(target_mix)}")
+
+
+def _mix_caveat(target_mix: str) -> str:
+    """The validation figures were measured at the training mix of counts: say so when answers are moved to
+    another (the figures shift with the mix)."""
+    if not target_mix or parse_mix(target_mix) == TRAIN_MIX:
+        return ""
+    return (f" (Measured at the training mix of counts; these answers are moved to target_mix={target_mix}, "
+            f"where the figures differ.)")
 
 
 def _share(x: float) -> str:

@@ -1,8 +1,9 @@
 """`bincounter`: count items in bin photos, check an inventory, move the champion.
 
-  bincounter predict IMAGES... [--model URI | --endpoint NAME [--region R]] [--output out.csv|out.json]
+  bincounter predict IMAGES... [--model URI [--target_mix MIX] | --endpoint NAME [--region R]]
+                     [--output out.csv|out.json]
   bincounter reconcile --images DIR --expected METADATA_DIR|labels.csv [--model URI] [--threshold P]
-                       [--report report.html] [--output out.csv] [--log-mlflow]
+                       [--target_mix MIX] [--report report.html] [--output out.csv] [--log-mlflow]
   bincounter promote --name bin-counter --version N
   bincounter rollback --name bin-counter
 
@@ -45,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--endpoint", help="a SageMaker endpoint name to call instead of a local model")
     pr.add_argument("--region", default="us-east-1", help="the endpoint's AWS region (default %(default)s)")
     pr.add_argument("--output", help="also write the table (with p_<count> columns) to this .csv or .json file")
+    add_target_mix(pr)
 
     rc = sub.add_parser("reconcile", help="inventory check: expected quantity vs the photo")
     rc.add_argument("--images", required=True, help="folder of bin photos named <image_id>.jpg")
@@ -54,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     rc.add_argument("--threshold", type=probability, default=None,
                     help="flag a bin when p(expected quantity) is below this (default: the model's own threshold, "
                          "chosen on validation for a catch rate; 0.2 for models logged before calibration)")
+    add_target_mix(rc)
     rc.add_argument("--report", help="write an HTML report (flagged bins with thumbnails) here")
     rc.add_argument("--output", help="write the per-bin table to this .csv or .json file")
     rc.add_argument("--log-mlflow", action="store_true", help="log a `reconcile` run with the report and summary")
@@ -64,6 +67,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         if name == "promote":
             sp.add_argument("--version", required=True)
     return p
+
+
+def add_target_mix(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target_mix", type=calibration.mix_option, default="",
+                   help="the mix of counts to answer for (default: the model's own): train (as trained), natural "
+                        "(ABID's mix of counts 1-5) or shares of every count like 1:0.12,2:0.22,3:0.26,4:0.23,5:0.17; "
+                        "a local --model only")
+
+
+def load_counter(args: argparse.Namespace):
+    """The --model, its target mix overridden by --target_mix when given (checked against the model's counts)."""
+    counter = load(args.model)
+    if args.target_mix:
+        counter.target_mix = args.target_mix
+    return counter
 
 
 def probability(v: str) -> float:
@@ -100,6 +118,8 @@ def _writable(path: str) -> str | None:
 
 def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse output paths that cannot be written before any work is done (exit 2)."""
+    if getattr(args, "endpoint", None) and getattr(args, "target_mix", ""):
+        parser.error("--target_mix applies to a local --model; an endpoint answers with its model's own mix")
     output = getattr(args, "output", None)
     if output and not output.endswith(OUTPUT_SUFFIXES):
         parser.error(f"--output must end in .csv or .json, got {output}")
@@ -122,7 +142,7 @@ def predict(args: argparse.Namespace) -> None:
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images in {' '.join(args.images)}")
-    counter = None if args.endpoint else load(args.model)
+    counter = None if args.endpoint else load_counter(args)
     predictor = endpoint_predictor(args.endpoint, args.region) if args.endpoint else local_predictor(counter)
     table = predict_files(paths, predictor)
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 80, "display.width", 200):
@@ -132,7 +152,7 @@ def predict(args: argparse.Namespace) -> None:
     review = f", {int(table['review'].fillna(False).sum())} flagged for review" if "review" in table else ""
     print(f"{len(table) - bad} counted, {bad} unreadable{review}")
     if counter is not None:
-        print(calibration.describe_review(counter.trust))
+        print(calibration.describe_review(counter.trust, counter.target_mix))
     if args.output:
         _write(table, args.output)
     if bad == len(table):
@@ -146,9 +166,9 @@ def reconcile(args: argparse.Namespace) -> None:
     if not Path(args.images).is_dir():
         raise ValueError(f"--images {args.images} is not a folder")
     expected, bad_metadata = rec.read_expected(args.expected)
-    counter = load(args.model)
+    counter = load_counter(args)
     threshold = counter.trust.check_threshold if args.threshold is None else args.threshold
-    promise = calibration.describe_check(counter.trust, threshold)
+    promise = calibration.describe_check(counter.trust, threshold, counter.target_mix)
     df = rec.reconcile(find_images([args.images]), expected, bad_metadata, local_predictor(counter), threshold)
     stats = rec.summary(df, threshold)
     flagged = df[df["flagged"]].sort_values("p_expected")
@@ -178,7 +198,8 @@ def reconcile(args: argparse.Namespace) -> None:
     if args.log_mlflow:
         try:
             run_id = rec.log_run(df, stats, report, {"model": args.model, "images": args.images,
-                                                     "expected": args.expected, "threshold": threshold})
+                                                     "expected": args.expected, "threshold": threshold,
+                                                     "target_mix": counter.target_mix})
             print(f"logged run {run_id}")
         except (OSError, MlflowException) as e:
             failed.append(f"--log-mlflow: {e.message if isinstance(e, MlflowException) else e}")

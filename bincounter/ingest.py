@@ -7,7 +7,8 @@ The cache (`cache_dir`, `data/` by default) is content-addressed and shared by a
 A record whose cached file is present and intact means "done": a rerun fetches nothing for that image, and a
 run killed at any moment resumes where it stopped; the temporary files such a run leaves (`.<name>.<random>.tmp`
 beside the files being written) are removed by the next run. Bad items become rejects (a reason code and a
-message); they never stop the run.
+message); they never stop the run. Several sources (local folders) are ingested one after another into one
+manifest (ingest_many), each with its own records.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bincounter import abid
-from bincounter.manifest import COLUMNS, REJECT_COLUMNS, atomic_write_bytes
+from bincounter.manifest import COLUMNS, REJECT_COLUMNS, REQUIRED, atomic_write_bytes, metric_key
 from bincounter.sources import MissingObject, SourceError
 from bincounter.transforms import REASONS as IMAGE_REASONS
 from bincounter.transforms import ImageError, decode_image
@@ -31,7 +32,8 @@ from bincounter.transforms import ImageError, decode_image
 REASONS = ["missing_image", *IMAGE_REASONS, "bad_metadata", "unknown_count", "count_mismatch", "count_out_of_range",
            "fetch_error"]  # the decoder's reasons (transforms.REASONS) among them
 JPEG_QUALITY = 90
-RECORD_KEYS = {*COLUMNS, "cache_sha256", "metadata_count"}
+# source and count_from are set by the run that reads a record (records made before count_from lack it)
+RECORD_KEYS = {*REQUIRED, "cache_sha256", "metadata_count"}
 
 
 class Reject(Exception):
@@ -91,8 +93,9 @@ class Cache:
             return False
 
     def row(self, rec: dict) -> dict:
-        """A record's manifest row, its path in this cache (which may have moved since)."""
-        return {**{c: rec[c] for c in COLUMNS}, "path": str(self.image_path(rec["sha256"]))}
+        """A record's manifest row (without source and count_from), its path in this cache (which may have
+        moved since)."""
+        return {**{c: rec[c] for c in REQUIRED if c != "source"}, "path": str(self.image_path(rec["sha256"]))}
 
     def store(self, row: dict, image: bytes, metadata_count: int | None) -> dict:
         """Write the cached image, then its record (in that order, both atomic). Returns the manifest row.
@@ -120,23 +123,37 @@ def resized_jpeg(img: Image.Image, data: bytes, image_size: int) -> bytes:
     return buf.getvalue()
 
 
-def resolve_count(image_id: str, listed: int | None, metadata_count: int | None, metadata_name: str) -> int:
-    """The image's count: its metadata's EXPECTED_QUANTITY if it has metadata, else the file list's count."""
+def resolve_count(image_id: str, listed: int | None, metadata_count: int | None, metadata_name: str,
+                  metadata_wins: bool = False) -> tuple[int, str]:
+    """-> (the image's count, where it comes from: `metadata` or `labels`): its metadata's EXPECTED_QUANTITY if
+    it has metadata, else the listed count. Where both exist and disagree: the metadata's count when
+    `metadata_wins` (labels.csv: the metadata is the dataset's own record), else a count_mismatch reject (a file
+    list's count is what was selected)."""
     if metadata_count is None and listed is None:
         raise Reject("unknown_count", f"{image_id}: no metadata and no count in the file list")
-    if metadata_count is not None and listed is not None and metadata_count != listed:
+    if metadata_count is not None and listed is not None and metadata_count != listed and not metadata_wins:
         raise Reject("count_mismatch", f"{metadata_name} says EXPECTED_QUANTITY {metadata_count}, "
                                        f"the file list puts {image_id} under count {listed}")
-    return listed if metadata_count is None else metadata_count
+    return (listed, "labels") if metadata_count is None else (metadata_count, "metadata")
+
+
+def label_conflicts(manifest: pd.DataFrame, items: dict[str, int | None]) -> pd.DataFrame:
+    """The manifest's bins whose listed count (items) disagrees with the metadata count they were given ->
+    image_id, source, listed, count (the metadata's)."""
+    listed = manifest["image_id"].map(items)
+    hit = (manifest["count_from"] == "metadata") & listed.notna() & (listed != manifest["count"])
+    out = manifest.loc[hit, ["image_id", "source", "count"]].assign(listed=listed[hit].astype(int))
+    return out[["image_id", "source", "listed", "count"]].reset_index(drop=True)
 
 
 class _Worker:
     """Ingests one image at a time (called from many threads; keeps no per-image state)."""
 
-    def __init__(self, source, cache: Cache, count_range: tuple[int, int]):
+    def __init__(self, source, cache: Cache, count_range: tuple[int, int], metadata_wins: bool = False):
         self.source = source
         self.cache = cache
         self.count_range = count_range
+        self.metadata_wins = metadata_wins
 
     def __call__(self, image_id: str, listed: int | None) -> tuple[dict | None, Reject | None, str, bool]:
         """-> (manifest row or None, Reject or None, where the image came from: `cache_hits`, `downloaded` or
@@ -150,33 +167,37 @@ class _Worker:
                 raw = self._metadata(image_id)
                 got_metadata = raw is not None
                 metadata_count = None if raw is None else self._parse(raw, image_id)
-            count = self._count(image_id, listed, metadata_count)
+            count, count_from = self._count(image_id, listed, metadata_count)
+            # the record is this source's own (records are kept per source tag): never another folder's photo
+            origin = {"source": self.source.row_source(image_id), "count_from": count_from}
             if rec is not None and rec["count"] == count and self.cache.intact(rec):
-                return self.cache.row(rec), None, "cache_hits", got_metadata
+                return {**self.cache.row(rec), **origin}, None, "cache_hits", got_metadata
             data = self._image(image_id)
         except Reject as r:
             return None, r, "not_downloaded", got_metadata
         try:
-            return self._store(image_id, count, data, metadata_count), None, "downloaded", got_metadata
+            return self._store(image_id, count, data, metadata_count, origin), None, "downloaded", got_metadata
         except Reject as r:
             return None, r, "downloaded", got_metadata
 
-    def _count(self, image_id: str, listed: int | None, metadata_count: int | None) -> int:
-        count = resolve_count(image_id, listed, metadata_count, self.source.where(abid.metadata_key(image_id)))
+    def _count(self, image_id: str, listed: int | None, metadata_count: int | None) -> tuple[int, str]:
+        count, count_from = resolve_count(image_id, listed, metadata_count,
+                                          self.source.where(abid.metadata_key(image_id)), self.metadata_wins)
         lo, hi = self.count_range
         if not lo <= count <= hi:
             raise Reject("count_out_of_range", f"{image_id}: count {count} is outside count_min..count_max {lo}..{hi}")
-        return count
+        return count, count_from
 
-    def _store(self, image_id: str, count: int, data: bytes, metadata_count: int | None) -> dict:
-        """Verify the original, cache its resized copy and record it -> the manifest row."""
+    def _store(self, image_id: str, count: int, data: bytes, metadata_count: int | None, origin: dict) -> dict:
+        """Verify the original, cache its resized copy and record it -> the manifest row (`origin`: its source
+        and count_from)."""
         name = self.source.where(abid.image_key(image_id))
         try:
             img = decode_image(data, name, rgb=False)  # as stored: resized_jpeg keeps an RGB JPEG as it is
         except ImageError as e:
             raise Reject(e.reason, str(e)) from None
         row = {"image_id": image_id, "count": count, "sha256": sha256(data), "width": img.width,
-               "height": img.height, "source": name}
+               "height": img.height, **origin}
         return self.cache.store(row, resized_jpeg(img, data, self.cache.image_size), metadata_count)
 
     def _metadata(self, image_id: str) -> bytes | None:
@@ -202,17 +223,18 @@ class _Worker:
 
 
 def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_size: int, count_range: tuple[int, int],
-           workers: int, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+           workers: int, progress: bool = True, metadata_wins: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """{image_id: count from the file list, or None} and a source -> (manifest, rejects, stats).
 
     Both tables are sorted by image_id. stats: ingested, rejected, rejected_<reason> for every reason,
     count_<c> for every count in the range; where each listed image came from, adding up to the number listed:
     cache_hits (answered by the cache), downloaded (its bytes read from the source this run; drawn, for the
     synthetic source), not_downloaded (rejected before that: metadata, count, a missing object); beside them
-    metadata_downloaded (metadata objects read) and temp_files_removed (left by a killed run)."""
+    metadata_downloaded (metadata objects read), temp_files_removed (left by a killed run) and label_conflicts
+    (bins given their metadata's count over a different listed one: `metadata_wins`, see resolve_count)."""
     started = time.time()
     cache = Cache(cache_dir, image_size, source.tag)
-    work = _Worker(source, cache, count_range)
+    work = _Worker(source, cache, count_range, metadata_wins)
     rows, rejects = [], []
     stats = {"cache_hits": 0, "downloaded": 0, "not_downloaded": 0, "metadata_downloaded": 0,
              "temp_files_removed": cache.remove_temporary(started)}
@@ -233,4 +255,43 @@ def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_si
     stats.update(ingested=len(manifest), rejected=len(rejected))
     stats.update({f"rejected_{r}": int((rejected["reason"] == r).sum()) for r in REASONS})
     stats.update({f"count_{c}": int((manifest["count"] == c).sum()) for c in range(count_range[0], count_range[1] + 1)})
+    stats["label_conflicts"] = len(label_conflicts(manifest, items))
     return manifest, rejected, stats
+
+
+def ingest_many(parts: list[tuple[object, dict[str, int | None]]], cache_dir: str | Path, image_size: int,
+                count_range: tuple[int, int], workers: int, duplicates: dict[str, list] | None = None,
+                progress: bool = True, metadata_wins: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """[(source, its items), ...] -> one (manifest, rejects, stats): ingest() of each source in turn, the tables
+    concatenated and sorted by image_id, the stats summed, and per named source (a LocalSource's `name`, as
+    manifest.metric_key spells it) ingested_<name> and rejected_<name>.
+    `duplicates` ({image_id: the sources that have it, the one ingested first}) become rejects with reason
+    duplicate_id naming those sources, counted in duplicate_ids (not in rejected: ingested + rejected is still
+    the number of bins listed)."""
+    manifests, rejects, stats = [], [], {}
+    for source, items in parts:
+        m, r, s = ingest(items, source, cache_dir, image_size, count_range, workers, progress, metadata_wins)
+        manifests.append(m)
+        rejects.append(r)
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0) + v
+        if getattr(source, "name", None):
+            key = metric_key(source.name)
+            stats[f"ingested_{key}"] = stats.get(f"ingested_{key}", 0) + len(m)
+            stats[f"rejected_{key}"] = stats.get(f"rejected_{key}", 0) + len(r)
+    dups = [{"image_id": i, "reason": "duplicate_id", "detail": duplicate_detail(i, found)}
+            for i, found in sorted((duplicates or {}).items())]
+    rejects.append(pd.DataFrame(dups, columns=REJECT_COLUMNS))
+    stats["duplicate_ids"] = len(dups)
+    manifest = pd.concat(manifests, ignore_index=True).sort_values("image_id", ignore_index=True)
+    # empty tables left out: pandas warns about concatenating them
+    rejected = pd.concat([r for r in rejects if not r.empty] or [rejects[-1]], ignore_index=True)
+    return manifest, rejected.sort_values("image_id", kind="stable", ignore_index=True), stats
+
+
+def duplicate_detail(image_id: str, found: list) -> str:
+    """-> `00123: bin-images/00123.jpg is in abid-sample (/x/abid-sample) and abid-more (/y/abid-more); took
+    abid-sample's` (`found`: the LocalSources that have it, the one ingested first)."""
+    names = [f"{f.name} ({f.root})" for f in found]
+    return (f"{image_id}: {abid.image_key(image_id)} is in {', '.join(names[:-1])} and {names[-1]}; "
+            f"took {found[0].name}'s")

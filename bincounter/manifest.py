@@ -1,17 +1,22 @@
 """The manifest: the table of verified, cached images that steps pass along as `manifest.csv`.
 
 Columns: image_id (text, as the bucket names it), count, path (cached image on local disk), sha256 (of the
-original object), width, height (of the original), source.
+original object), width, height (of the original), source (where the bin came from: a local folder's name such as
+`abid-more`, or the object's URI: `s3://<bucket>/bin-images/<id>.jpg`, `synthetic://seed=<seed>/bin-images/<id>`),
+count_from (`metadata`: the count is the metadata's EXPECTED_QUANTITY; `labels`: the item list's count, from
+labels.csv, file_list.json or the generator). Manifests made before count_from existed lack it; they still read.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["image_id", "count", "path", "sha256", "width", "height", "source"]
+REQUIRED = ["image_id", "count", "path", "sha256", "width", "height", "source"]  # what every manifest has
+COLUMNS = [*REQUIRED, "count_from"]
 REJECT_COLUMNS = ["image_id", "reason", "detail"]
 
 
@@ -41,8 +46,8 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """manifest.csv (or a split CSV) -> DataFrame with image_id kept as text. Raises on missing columns."""
-    df = pd.read_csv(path, dtype={"image_id": str, "sha256": str, "path": str, "source": str})
-    missing = [c for c in COLUMNS if c not in df.columns]
+    df = pd.read_csv(path, dtype={"image_id": str, "sha256": str, "path": str, "source": str, "count_from": str})
+    missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {path}: missing columns {missing}")
     df["count"] = df["count"].astype(int)
@@ -65,15 +70,41 @@ def check_fractions(train: float, val: float, test: float) -> None:
         raise ValueError(f"train_frac + val_frac + test_frac must be 1, got {train} + {val} + {test} = {total:g}")
 
 
+def source_group(source: str) -> str:
+    """A manifest row's `source` -> the collection the bin came from: `s3://<bucket>/bin-images/<id>.jpg` ->
+    `s3://<bucket>`, `synthetic://seed=3/bin-images/<id>` -> `synthetic://seed=3`, a folder name as it is (and
+    the `<folder>/bin-images/<id>.jpg` paths of manifests made before local sources were named -> `<folder>`)."""
+    head, sep, _ = str(source).rpartition("/bin-images/")
+    return head if sep else str(source)
+
+
+def source_groups(df: pd.DataFrame) -> pd.Series:
+    """source_group of every row ("" where a table has no source)."""
+    if "source" not in df.columns:
+        return pd.Series("", index=df.index)
+    return df["source"].fillna("").map(source_group)
+
+
+def metric_key(name: str) -> str:
+    """A source's name as it goes into metric names (`ingested_<key>`, `test_size_<key>`): `abid-more` stays,
+    `s3://aft-vbi-pds` -> `s3_aft-vbi-pds`; every run of characters other than letters, digits, `_` and `-`
+    becomes `_` (the rule evaluate's per-source prefixes follow)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(name)).strip("_") or "unknown"
+
+
 def stratified_split(df: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> dict[str, pd.DataFrame]:
-    """Split rows per count in the given train/val/test fractions (seeded) -> {"train", "val", "test"}.
-    Within each count the rows are sorted by image_id first, so the result depends on the rows, not their order."""
+    """Split rows per (count, source) in the given train/val/test fractions (seeded) -> {"train", "val", "test"}.
+    Each source (source_group) keeps its share of every count in every split, within a row per group; with one
+    source this is the split per count alone. A group too small for a row in val or test goes to train.
+    Within each group the rows are sorted by image_id first, so the result depends on the rows, not their order."""
     import numpy as np
 
     check_fractions(*fractions)
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {"train": [], "val": [], "test": []}
-    for _, group in df.sort_values("image_id").groupby("count", sort=True):
+    df = df.sort_values("image_id")
+    # groups in (count, source) order: with one source the permutations are drawn exactly as by count alone
+    for _, group in df.groupby([df["count"], source_groups(df)], sort=True):
         idx = rng.permutation(len(group))
         n_val = int(round(len(group) * fractions[1]))
         n_test = int(round(len(group) * fractions[2]))
@@ -83,3 +114,14 @@ def stratified_split(df: pd.DataFrame, fractions: tuple[float, float, float], se
         parts["test"].append(group.iloc[idx[n_train + n_val:]])
     return {k: (pd.concat(v).sort_values("image_id").reset_index(drop=True) if v else empty_manifest())
             for k, v in parts.items()}
+
+
+def source_table(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """{split: manifest} -> one row per (source, count): source, count, then how many bins each split has and
+    their total; sorted by source and count."""
+    table = pd.concat({k: pd.DataFrame({"source": source_groups(v), "count": v["count"]}) for k, v in splits.items()},
+                      names=["split", None]).reset_index(level="split")
+    out = table.groupby(["source", "count", "split"]).size().unstack("split", fill_value=0)
+    out = out.reindex(columns=list(splits), fill_value=0)
+    out["total"] = out.sum(axis=1)
+    return out.reset_index().rename_axis(columns=None)

@@ -1,12 +1,18 @@
 """Counting metrics and the plots people would rather see than read."""
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import matplotlib
 
 matplotlib.use("Agg")  # no screen here or on servers
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+RESAMPLES = 500  # bootstrap resamples for a standard error (as bench/few_real.py's tables)
+PREFIX_CHARS = 100  # longest metric prefix kept from a source's name (MLflow's names end at 250 characters)
 
 
 def count_metrics(y_true, y_pred) -> dict[str, float]:
@@ -21,6 +27,34 @@ def count_metrics(y_true, y_pred) -> dict[str, float]:
         "mae": float(np.mean(np.abs(err))),
         "within1_accuracy": float(np.mean(np.abs(err) <= 1)),
     }
+
+
+def bootstrap_se(figures: Callable[[np.ndarray], dict[str, float]], n: int, resamples: int = RESAMPLES,
+                 seed: int = 0) -> dict[str, float]:
+    """The bootstrap standard error of each figure: `figures(idx)` computes them on the rows `idx` of n rows;
+    `resamples` draws of n rows with replacement (seeded) -> {figure: standard deviation over the draws} (NaN
+    draws left out). The procedure of bench/few_real.py's trust tables."""
+    rng = np.random.default_rng(seed)
+    boots = [figures(rng.integers(0, n, n)) for _ in range(resamples)]
+    return {k: float(np.nanstd([b[k] for b in boots])) for k in boots[0]}
+
+
+def metric_prefixes(names) -> dict[str, str]:
+    """Group names (e.g. the manifest's sources) -> MLflow-legal metric prefixes, one per distinct name: letters,
+    digits, `_` and `-` kept, every other run of characters `_` (no `/`, `.` or space: MLflow groups a metric by
+    what comes before its first `/`, and refuses names like `../x`), at most PREFIX_CHARS; an empty result is
+    `unknown`; two names that come out the same get `_2`, `_3`, ... in sorted order."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in sorted({str(n) for n in names}):
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:PREFIX_CHARS] or "unknown"
+        prefix, k = base, 1
+        while prefix in taken:
+            k += 1
+            prefix = f"{base}_{k}"
+        out[name] = prefix
+        taken.add(prefix)
+    return out
 
 
 def majority_baseline(train_counts, y_true) -> tuple[int, dict[str, float]]:

@@ -63,7 +63,11 @@ class BinCounter:
     """A loaded bin counter: bytes in, counts and probabilities out. The one inference path of the project: the
     pyfunc, evaluate and the CLI all call `probabilities`. A request's images are decoded in parallel (a thread
     pool: PIL releases the GIL while it decodes and resizes), the next chunk while the model runs on this one;
-    one forward per chunk of MAX_BATCH; on CUDA with mixed precision and channels_last."""
+    one forward per chunk of MAX_BATCH; on CUDA with mixed precision and channels_last.
+
+    `target_mix` (the config's, or set on the object: evaluate, predict and reconcile override it) moves the
+    answers from the mix of counts the model was trained on (`train_mix`) to another (calibration.prior_weights);
+    `train` leaves them as they are."""
 
     def __init__(self, model: torch.nn.Module, config: dict, decode_threads: int = DECODE_THREADS):
         self.device = next(model.parameters()).device
@@ -72,15 +76,30 @@ class BinCounter:
         self.config = config
         self.classes = [int(c) for c in config["classes"]]
         # models logged before the input settings travelled in the config were all torchvision ResNets
+        # ... and before `fit`, all cropped
         self.transform = EvalPreset(int(config["image_size"]), config.get("mean", IMAGENET_MEAN),
-                                    config.get("std", IMAGENET_STD))
+                                    config.get("std", IMAGENET_STD), config.get("fit", "crop"))
         # models logged before these options existed: no test-time augmentation, the most likely count
         self.tta = bool(config.get("tta", False))
         self.decision = config.get("decision", "argmax")
         # models logged before calibration: temperature 1, no review threshold, reconcile's old 0.2
         self.trust = calibration.Trust.from_config(config)
+        # models logged before prior correction: no training mix, target_mix train (no correction)
+        self.train_mix = config.get("train_mix")
+        self.target_mix = config.get("target_mix", calibration.TRAIN_MIX)
         self.decode_threads = decode_threads
         self._pool: ThreadPoolExecutor | None = None  # made on first use: a served model may be loaded, then forked
+
+    @property
+    def target_mix(self) -> str:
+        """The mix of counts the answers are moved to: `train` (none), `natural` or `count:share,...`."""
+        return self._target_mix
+
+    @target_mix.setter
+    def target_mix(self, spec: str) -> None:
+        # checked against the model's counts and training mix here, so a bad mix is refused before any image
+        self._prior = calibration.prior_weights(self.train_mix, spec, self.classes)
+        self._target_mix = spec
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "BinCounter":
@@ -117,10 +136,20 @@ class BinCounter:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
             return probabilities(self.model, x, self.tta).float().cpu().numpy()
 
-    @torch.inference_mode()
     def probabilities(self, images: list[bytes], names: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
         """Image bytes (and a name for each, for the messages) -> (probabilities [N, C], one error message or
-        None per image). A bad image gets a NaN row and its error; it never stops the others."""
+        None per image). A bad image gets a NaN row and its error; it never stops the others.
+        Order: the model's distribution, its temperature, then the prior correction. The temperature was fitted on
+        validation bins, which hold the training mix: it makes the probabilities honest at that mix, and only
+        honest probabilities can be moved to another mix by Bayes' rule (p · target / train), so the prior comes
+        last. `table` decides on the model's own distribution with the same prior (see there)."""
+        probs, errors = self.calibrated(images, names)
+        return calibration.apply_prior(probs, self._prior), errors
+
+    @torch.inference_mode()
+    def calibrated(self, images: list[bytes], names: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
+        """As `probabilities`, at the training mix: the model's distribution and its temperature, no prior
+        correction (what an ensemble averages before its own temperature and prior)."""
         names = names or [f"row {i}" for i in range(len(images))]
         probs = np.full((len(images), len(self.classes)), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(images)
@@ -143,12 +172,15 @@ class BinCounter:
         return probs, errors
 
     def table(self, probs: np.ndarray) -> pd.DataFrame:
-        """Calibrated probabilities -> count (the decision rule on the model's own distribution), confidence (that
-        count's calibrated probability),
-        review (confidence below the model's review threshold: a person should look), p_<count> columns."""
+        """`probabilities`' output -> count (the decision rule on the model's own distribution, prior-corrected),
+        confidence (that count's probability as given), review (confidence below the model's review threshold: a
+        person should look), p_<count> columns."""
         # the count is the model's own answer: calibration changes how sure it says it is, not what it answers
-        # (the median of a softened distribution drifts towards the middle count)
-        best = decide(calibration.apply_temperature(probs, 1 / self.trust.temperature), self.decision)
+        # (the median of a softened distribution drifts towards the middle count). The prior does change the
+        # answer: so take the prior out, undo the temperature, and put the prior back on the model's own
+        # distribution (p_model · target / train) before deciding; without it the counts would never move.
+        own = calibration.apply_temperature(calibration.apply_prior(probs, self._unprior()), 1 / self.trust.temperature)
+        best = decide(calibration.apply_prior(own, self._prior), self.decision)
         confidence = probs[np.arange(len(best)), best].astype("float64")
         out = pd.DataFrame({"count": np.asarray(self.classes)[best].astype("int64"), "confidence": confidence,
                             "review": confidence < self.trust.review_confidence})
@@ -156,12 +188,19 @@ class BinCounter:
             out[f"p_{c}"] = probs[:, j].astype("float64")
         return out
 
+    def _unprior(self) -> np.ndarray | None:
+        """The weights that take the prior correction out again (none when there is none)."""
+        return None if self._prior is None else 1.0 / self._prior
+
 
 class Ensemble(BinCounter):
     """Several bin counters answering as one: the mean of the members' calibrated probabilities (each member
     decodes with its own normalisation and resolution, and applies its own temperature), then the ensemble's
-    own temperature, decision rule and thresholds (fitted on validation by the ensemble step). The members'
-    folders sit in `members/<i>/` beside the config, whose `members` lists their source URIs and run ids."""
+    own temperature, decision rule and thresholds (fitted on validation by the ensemble step), then the
+    ensemble's prior correction (the members' own are not applied: the mix is moved once, last). The members'
+    folders sit in `members/<i>/` beside the config, whose `members` lists their source URIs and run ids.
+    Training mix: the config's `train_mix`, else the mean of the members' (none if one lacks it); target mix: the
+    config's `target_mix`, else the first member's (as the decision rule), else `train`."""
 
     def __init__(self, members: list[BinCounter], config: dict):
         self.members, self.config = members, config
@@ -171,6 +210,11 @@ class Ensemble(BinCounter):
         for m, source in zip(members, config["members"]):
             if m.classes != self.classes:
                 raise ValueError(f"ensemble member {source['uri']} counts {m.classes}, the ensemble {self.classes}")
+        mixes = [m.train_mix for m in members]
+        self.train_mix = config.get("train_mix") or (
+            None if any(t is None for t in mixes) else [float(x) for x in np.mean(mixes, axis=0)])
+        self.target_mix = config.get("target_mix") or (
+            members[0].target_mix if self.train_mix is not None else calibration.TRAIN_MIX)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Ensemble":
@@ -178,9 +222,10 @@ class Ensemble(BinCounter):
         config = json.loads((path / CONFIG_FILE).read_text())
         return cls([BinCounter.from_dir(path / "members" / str(i)) for i in range(len(config["members"]))], config)
 
-    def probabilities(self, images: list[bytes], names: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
-        """As BinCounter.probabilities; every member sees every image (they share the decoder, so the errors too)."""
-        answers = [m.probabilities(images, names) for m in self.members]
+    def calibrated(self, images: list[bytes], names: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
+        """As BinCounter.calibrated (BinCounter.probabilities adds the ensemble's prior correction); every member
+        sees every image (they share the decoder, so the errors too)."""
+        answers = [m.calibrated(images, names) for m in self.members]
         mean = np.mean([p for p, _ in answers], axis=0)
         return calibration.apply_temperature(mean, self.trust.temperature), answers[0][1]
 

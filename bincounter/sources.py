@@ -2,14 +2,17 @@
 the synthetic bin generator.
 
 Every source has `tag` (names its records in the cache: the same image id from two sources never mixes),
-`dataset_source` (where the manifest's data came from, for mlflow.data), `where(key)` (names an object in
-messages and in the manifest's `source` column), `get_image(image_id) -> bytes` (raises MissingObject when there
-is no such image) and `get_metadata(image_id) -> bytes | None` (None when the image has no metadata).
+`dataset_source` (where the manifest's data came from, for mlflow.data), `name` (the source in tables and
+metric names: `s3://<bucket>`, `synthetic://seed=<seed>`, a folder's name), `where(key)` (names an object in
+messages), `row_source(image_id)` (the manifest's `source` column: the object's URI for S3 and synthetic bins,
+the folder's name for a local folder), `get_image(image_id) -> bytes` (raises MissingObject when there is no such
+image) and `get_metadata(image_id) -> bytes | None` (None when the image has no metadata).
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import sys
 import threading
@@ -24,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from bincounter import abid, synthetic
+from bincounter.manifest import metric_key
 
 # Error codes S3 answers for a key that is not there; never retried.
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -58,11 +62,15 @@ class S3Source:
         self.attempts = attempts
         self.backoff = backoff
         self.client = anonymous_client(self.endpoint_url, workers)
+        self.name = f"s3://{bucket}"  # the bins' source_group (bincounter.manifest)
         self.tag = f"s3-{bucket}-{short_hash(self.endpoint_url or 'aws')}"
         self.dataset_source = f"{self.endpoint_url.rstrip('/')}/{bucket}" if self.endpoint_url else f"s3://{bucket}"
 
     def where(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def row_source(self, image_id: str) -> str:
+        return self.where(abid.image_key(image_id))
 
     def check(self) -> None:
         """Fail at once, naming the parameter, when the bucket or endpoint is wrong (rather than rejecting
@@ -123,15 +131,25 @@ def anonymous_client(endpoint_url: str | None, workers: int = 16):
 
 
 class LocalSource:
-    """A folder laid out like the bucket: `bin-images/<id>.jpg`, `metadata/<id>.json`, optionally `labels.csv`."""
+    """A folder laid out like the bucket: `bin-images/<id>.jpg`, `metadata/<id>.json`, optionally `labels.csv`.
+    `name`, the manifest's `source` for its bins, is the folder's own name as given (`../shared/abid-more` ->
+    `abid-more`; a symbolic link's name, not its target's)."""
 
     def __init__(self, data_dir: str | Path):
+        self.given = str(data_dir)
         self.root = Path(data_dir).resolve()
+        self.name = Path(os.path.abspath(data_dir)).name or str(self.root)  # abspath: `.` and `..` named as meant
         self.tag = f"local-{short_hash(str(self.root))}"
         self.dataset_source = str(self.root)
 
     def where(self, key: str) -> str:
         return str(self.root / key)
+
+    def row_source(self, image_id: str) -> str:
+        return self.name
+
+    def has_image(self, image_id: str) -> bool:
+        return (self.root / abid.image_key(image_id)).is_file()
 
     def get_image(self, image_id: str) -> bytes:
         try:
@@ -159,6 +177,99 @@ class LocalSource:
         return {i: listed.get(i) for i in ids if i in listed or i in with_metadata}
 
 
+def local_folders(data_dir: str) -> list[LocalSource]:
+    """`data_dir`: a folder, or several separated by commas -> their LocalSources, in the order given. Reads no
+    image. Raises ValueError `data_dir: ...` naming the folder when one does not exist, has no bin-images/ folder
+    or no photo in it, is given twice (the same folder however spelled), or has the same name as another (its
+    name is the manifest's `source`: two folders named alike could not be told apart)."""
+    dirs = [d.strip() for d in data_dir.split(",")]
+    if not any(dirs):
+        raise ValueError("data_dir: source=local needs data_dir, a folder with bin-images/ and metadata/ "
+                         "(or several, separated by commas)")
+    if "" in dirs:
+        raise ValueError(f"data_dir: {data_dir!r} has an empty entry between its commas")
+    folders: list[LocalSource] = []
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"data_dir: {d} does not exist or is not a folder")
+        if not (Path(d) / abid.IMAGE_PREFIX).is_dir():
+            raise ValueError(f"data_dir: {d} has no {abid.IMAGE_PREFIX} folder")
+        if next((Path(d) / abid.IMAGE_PREFIX).glob("*.jpg"), None) is None:
+            raise ValueError(f"data_dir: {d} has no photo in {abid.IMAGE_PREFIX} (no .jpg file)")
+        folder = LocalSource(d)
+        for other in folders:
+            if other.root == folder.root:
+                raise ValueError(f"data_dir: {d} is given twice (as {other.given} and {d}, both {folder.root})")
+            if metric_key(other.name) == metric_key(folder.name):  # metric names (ingested_<name>) too
+                named = (f"are both named {folder.name!r}" if other.name == folder.name else
+                         f"are named {other.name!r} and {folder.name!r}, alike in metric names")
+                raise ValueError(f"data_dir: {other.given} and {d} {named}, and the manifest's source is the "
+                                 f"folder's name: give one of them under another name (a symbolic link)")
+        folders.append(folder)
+    return folders
+
+
+def all_labels(folders: list[LocalSource]) -> tuple[dict[str, int | None], dict[str, LocalSource], dict[str, list]]:
+    """Every image of the folders whose count is known (LocalSource.labels) -> ({image_id: count or None},
+    {image_id: the folder it is taken from}, {image_id: every folder that has it} for ids in several). An id in
+    several folders is taken from the first one listed, with that folder's count."""
+    items: dict[str, int | None] = {}
+    owner: dict[str, LocalSource] = {}
+    found: dict[str, list[LocalSource]] = {}
+    for folder in folders:
+        for image_id, count in folder.labels().items():
+            found.setdefault(image_id, []).append(folder)
+            if image_id not in owner:
+                items[image_id], owner[image_id] = count, folder
+    return items, owner, {i: f for i, f in found.items() if len(f) > 1}
+
+
+def locate(folders: list[LocalSource], ids) -> tuple[dict[str, object], dict[str, list]]:
+    """Listed ids (a file_list.json's) -> ({image_id: the first folder with its photo}, {image_id: every folder
+    that has it} for ids in several). One folder: it answers for every id (its own rejects name what is
+    missing); with several, ids no folder has go to NotInFolders."""
+    if len(folders) == 1:
+        return dict.fromkeys(ids, folders[0]), {}
+    owner: dict[str, object] = {}
+    dups: dict[str, list] = {}
+    missing = NotInFolders(folders)
+    for image_id in ids:
+        found = [f for f in folders if f.has_image(image_id)]
+        owner[image_id] = found[0] if found else missing
+        if len(found) > 1:
+            dups[image_id] = found
+    return owner, dups
+
+
+class NotInFolders:
+    """Where the listed ids that no folder has a photo of go: each is rejected as missing_image naming the photo's
+    path in every folder. Their metadata is read from the first folder that has it (a count mismatch is still
+    found first, as in a single folder)."""
+
+    name = None  # no per-source metrics: these ids are counted in rejected_missing_image
+    tag = "not-in-folders"  # never written: nothing from here is cached
+
+    def __init__(self, folders: list[LocalSource]):
+        self.folders = folders
+        self.dataset_source = ",".join(str(f.root) for f in folders)
+
+    def _folder(self, key: str) -> LocalSource:
+        return next((f for f in self.folders if (f.root / key).exists()), self.folders[0])
+
+    def where(self, key: str) -> str:
+        return self._folder(key).where(key)
+
+    def row_source(self, image_id: str) -> str:
+        return self._folder(abid.image_key(image_id)).name
+
+    def get_image(self, image_id: str) -> bytes:
+        paths = [f.where(abid.image_key(image_id)) for f in self.folders]
+        raise MissingObject(f"{' and '.join(paths)} {'does' if len(paths) == 1 else 'do'} not exist")
+
+    def get_metadata(self, image_id: str) -> bytes | None:
+        return self._folder(abid.metadata_key(image_id)).get_metadata(image_id)
+
+
 class SyntheticSource:
     """Generated bins (bincounter.synthetic): image `syn<seed>-<i>` is draw_bin(count, item_seed(seed, i), size)
     encoded as JPEG. The counts come with the item list (`labels`), not from metadata."""
@@ -167,11 +278,15 @@ class SyntheticSource:
         self.labels = dict(synthetic.synthetic_items(num_images, count_min, count_max, seed))
         self.seed = seed
         self.size = size
+        self.name = f"synthetic://seed={seed}"  # the bins' source_group (bincounter.manifest)
         self.tag = f"synthetic-{seed}"
         self.dataset_source = CodeDatasetSource(tags={"generator": "bincounter.synthetic", "seed": str(seed)})
 
     def where(self, key: str) -> str:
         return f"synthetic://seed={self.seed}/{key}"
+
+    def row_source(self, image_id: str) -> str:
+        return self.where(abid.image_key(image_id))
 
     def get_image(self, image_id: str) -> bytes:
         if image_id not in self.labels:

@@ -62,11 +62,12 @@ class CacheError(RuntimeError):
     """A tensor cache that cannot be built (disk full, unwritable folder); the message names the file."""
 
 
-def cache_key(df: pd.DataFrame, image_size: int) -> str:
-    """Manifest rows (their sha256 column, in order) and the image size -> the cache's name (hex)."""
+def cache_key(df: pd.DataFrame, image_size: int, fit: str = "crop") -> str:
+    """Manifest rows (their sha256 column, in order), the image size and fit -> the cache's name (hex)."""
     if "sha256" not in df.columns or df["sha256"].isna().any() or (df["sha256"].astype(str) == "").any():
         raise ValueError("the tensor cache needs the manifest's sha256 of every image (rows without one)")
-    h = hashlib.sha256(f"bincounter tensor cache v{VERSION}\n{image_size}\n{len(df)}\n".encode())
+    h = hashlib.sha256(f"bincounter tensor cache v{VERSION}\n{image_size}\n{len(df)}\n".encode()
+                       + (b"" if fit == "crop" else f"{fit}\n".encode()))  # crop: the key caches had before fit
     h.update("\n".join(df["sha256"].astype(str)).encode())
     return h.hexdigest()[:32]
 
@@ -85,10 +86,11 @@ class TensorCache:
         return torch.from_numpy(np.take(self.array, np.asarray(indices, dtype=np.int64), axis=0))
 
 
-def open_cache(df: pd.DataFrame, image_size: int, cache_dir: str | Path, threads: int = DECODE_THREADS) -> TensorCache:
+def open_cache(df: pd.DataFrame, image_size: int, cache_dir: str | Path, threads: int = DECODE_THREADS,
+               fit: str = "crop") -> TensorCache:
     """Manifest rows (path, sha256) -> their TensorCache in `cache_dir`, built first when there is no trusted one.
     Raises ImageError naming an image that does not decode, CacheError when the file cannot be written."""
-    key = cache_key(df, image_size)
+    key = cache_key(df, image_size, fit)
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path, record = folder / f"{key}.npy", folder / f"{key}.json"
@@ -97,7 +99,7 @@ def open_cache(df: pd.DataFrame, image_size: int, cache_dir: str | Path, threads
         problem = _check(path, record, key, shape)
         if problem:
             print(f"tensor cache: building {path} ({len(df)} images at {image_size} px): {problem}")
-            _build(df["path"].tolist(), image_size, path, record, key, threads)
+            _build(df["path"].tolist(), image_size, path, record, key, threads, fit)
         return TensorCache(path, np.load(path, mmap_mode="r"), built=bool(problem), reason=problem)
 
 
@@ -134,7 +136,7 @@ def _check(path: Path, record: Path, key: str, shape: tuple) -> str | None:
     return None
 
 
-def _build(paths: list[str], image_size: int, path: Path, record: Path, key: str, threads: int) -> None:
+def _build(paths: list[str], image_size: int, path: Path, record: Path, key: str, threads: int, fit: str) -> None:
     """Decode `paths` into a new cache file at `path` and write its record; the file appears whole or not at all."""
     shape = (len(paths), 3, image_size, image_size)
     need = int(np.prod(shape)) + 4096
@@ -142,7 +144,7 @@ def _build(paths: list[str], image_size: int, path: Path, record: Path, key: str
     if free < need:
         raise CacheError(f"tensor cache {path}: needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free on that "
                          f"disk; free some space or give another cache folder")
-    prepare = T.Compose([*geometry(image_size), T.PILToTensor()])
+    prepare = T.Compose([*geometry(image_size, fit), T.PILToTensor()])
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     record.unlink(missing_ok=True)  # the old record must not vouch for whatever ends up at `path`
     try:

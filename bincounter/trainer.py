@@ -14,7 +14,7 @@ from bincounter.manifest import read_manifest, stratified_split
 from bincounter.model import ARCHS, DECISIONS, input_config
 from bincounter.runs import csv_ints, download, finished_run, fraction, run_name, start_step, str2bool, whole
 from bincounter.training import DATA_PATHS, MONITORS, TUNABLE, TrainConfig, train_run
-from bincounter.transforms import AUGMENTS
+from bincounter.transforms import AUGMENTS, FITS
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -49,6 +49,9 @@ def add_lever_options(p: argparse.ArgumentParser) -> None:
                    help="true: draw every count equally often (with replacement) instead of shuffling")
     g.add_argument("--augment", default=TrainConfig.augment, choices=list(AUGMENTS),
                    help="strong: wider shift/zoom, small rotation, more colour jitter, some grey")
+    g.add_argument("--fit", default=TrainConfig.fit, choices=list(FITS),
+                   help="how a photo becomes the model's square: crop (short side, centre square) or squash (the "
+                        "whole photo); the model keeps it for evaluate and serving")
     g.add_argument("--warmup_epochs", type=whole, default=TrainConfig.warmup_epochs,
                    help="linear learning-rate warm-up before the cosine decay")
     g.add_argument("--tta", type=str2bool, default=TrainConfig.tta,
@@ -134,6 +137,11 @@ def get_args_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--calibration_frac", type=fraction, default=0.5,
                    help="refit: the share of the validation split kept back to fit the temperature and thresholds")
     calibration.add_options(p)
+    p.add_argument("--target_mix", type=calibration.mix_option, default=calibration.TRAIN_MIX,
+                   help="the mix of counts the model answers for, kept in its config (evaluate, predict and "
+                        "reconcile may override it): train (as trained, no correction), natural (ABID's mix of "
+                        "counts 1-5) or shares of every count like 1:0.12,2:0.22,3:0.26,4:0.23,5:0.17; the "
+                        "probabilities are divided by the training mix and multiplied by this one")
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="local: train here; sagemaker: the same training as a SageMaker training job "
                         "(docs/sagemaker.md)")
@@ -170,6 +178,7 @@ def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict |
     base = {k: v for k, v in vars(args).items() if k in names and k not in TUNABLE}
     # like the tunables: an explicit monitor, else what the hpo run selected on, else the default
     base["monitor"] = args.monitor or (hpo_params or {}).get("metric") or TrainConfig.monitor
+    calibration.resolve_mix(getattr(args, "target_mix", calibration.TRAIN_MIX), classes)  # the model's own, below
     return TrainConfig(**{**base, **hparams(args, hpo_params), "classes": classes, **override}).validate()
 
 
@@ -228,13 +237,20 @@ def effective_params(cfg: TrainConfig) -> dict:
     return {**{f"hp_{k}": getattr(cfg, k) for k in TUNABLE}, "hp_monitor": cfg.monitor}
 
 
-def log_trained_model(result: dict, cfg: TrainConfig, example_path: str, trust: calibration.Trust | None = None):
+def log_trained_model(result: dict, cfg: TrainConfig, example_path: str, trust: calibration.Trust | None = None,
+                      train_mix: list[float] | None = None, target_mix: str = calibration.TRAIN_MIX):
     """Log the best model as the pyfunc `model` with a real image as its input example; its config carries the
     input settings, the decision rule and what `trust` fitted (temperature, review and check thresholds; none:
-    the model loads with calibration's defaults, as models logged before calibration do)."""
-    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, **input_config(cfg.arch),
+    the model loads with calibration's defaults, as models logged before calibration do), the mix of counts it
+    learned from (`train_mix`, calibration.train_mix) and the one it answers for (`target_mix`; none: the model
+    loads as models logged before prior correction do, uncorrected)."""
+    config = {"arch": cfg.arch, "classes": cfg.classes, "image_size": cfg.image_size, "fit": cfg.fit,
+              **input_config(cfg.arch),
               "tta": cfg.tta, "decision": cfg.decision, "monitor": cfg.monitor, "best_epoch": result["best_epoch"],
               **(trust.config() if trust else {})}
+    if train_mix is not None:
+        config["train_mix"], config["target_mix"] = train_mix, target_mix
+    calibration.prior_weights(train_mix, target_mix, cfg.classes)  # refused here rather than when it loads
     return serving.log_model(result["model"], config, Path(example_path).read_bytes())
 
 
@@ -242,8 +258,10 @@ def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) ->
     """Open (or join: MLFLOW_RUN_ID) the train run, train, log curves and the model -> run id. What a local train
     step does after loading its data, and what a SageMaker job does on its channels' data."""
     name = ("refit " if args.refit_of else "") + run_name("train", {**vars(args), "lr": cfg.lr})
+    mix = calibration.train_mix(train_df["count"], cfg.classes, cfg.balanced)
+    calibration.prior_weights(mix, args.target_mix, cfg.classes)  # a count never trained on: refused before training
     with start_step("train", args, name, log_system_metrics=True) as run:
-        mlflow.log_params(effective_params(cfg))
+        mlflow.log_params({**effective_params(cfg), "train_mix": calibration.format_mix(cfg.classes, mix)})
         if args.refit_of:  # `mlflow run` logged the parameters as given: say what the refit took instead
             mlflow.set_tag("bincounter.refit_of", args.refit_of)
             mlflow.log_params({"refit_epochs": cfg.epochs, "refit_seed": cfg.seed})
@@ -253,7 +271,7 @@ def fit_and_log(args: argparse.Namespace, cfg: TrainConfig, train_df, val_df) ->
         result = train_run(cfg, train_df, val_df, resume=args.resume, val_predictions=True)
         metrics.log_figure(metrics.plot_curves(result["history"]), "learning_curves.png")
         trust = calibration.fit_and_log(result["val_probs"], result["val_labels"], cfg.classes, cfg.decision, args)
-        log_trained_model(result, cfg, val_df["path"].iloc[0], trust)
+        log_trained_model(result, cfg, val_df["path"].iloc[0], trust, mix, args.target_mix)
         print(f"train: run {run.info.run_id}, best epoch {result['best_epoch']} by {cfg.monitor}, "
               f"val_accuracy {result['best']['val_accuracy']:.3f}, val_rmse {result['best']['val_rmse']:.3f}")
         return run.info.run_id

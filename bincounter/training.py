@@ -32,7 +32,7 @@ from bincounter.data import ManifestDataset, make_loader
 from bincounter.manifest import atomic_write_bytes
 from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities, trains
 from bincounter.tensor_cache import TensorCache, TrainBatches, open_cache
-from bincounter.transforms import AUGMENTS, EvalPreset, TrainPreset
+from bincounter.transforms import AUGMENTS, FITS, EvalPreset, TrainPreset
 
 CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
 OPTIMIZERS = ("adamw", "sgd", "adam")
@@ -71,6 +71,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     balanced: bool = False  # draw every count equally often (with replacement) instead of shuffling
     augment: str = "light"
+    fit: str = "crop"  # transforms.FITS: how a photo becomes the model's square (train, evaluate and serving)
     warmup_epochs: int = 0  # linear warm-up before the cosine decay
     tta: bool = False  # predict on the image and its mirror image (validation, evaluate and serving)
     decision: str = "argmax"  # probabilities -> count (model.decide), in validation, evaluate and serving
@@ -107,6 +108,7 @@ class TrainConfig:
             (self.ordinal_weight >= 0, f"ordinal_weight must be >= 0, got {self.ordinal_weight}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.augment in AUGMENTS, f"augment must be one of {tuple(AUGMENTS)}, got {self.augment!r}"),
+            (self.fit in FITS, f"fit must be one of {FITS}, got {self.fit!r}"),
             (not (self.augment == "trivial" and self.data_path == "tensor"),
              "augment=trivial has no batch kernel for the tensor cache: use data_path=pil"),
             (0 <= self.ema < 1, f"ema must be in [0, 1) (a decay per step; 0 = off), got {self.ema}"),
@@ -441,12 +443,13 @@ def setup(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkp
     optimizer = make_optimizer(cfg, net)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs, cfg.warmup_epochs))
     arch = get_arch(cfg.arch)
-    train_ds = ManifestDataset(train_df, cfg.classes, TrainPreset(cfg.image_size, cfg.augment, arch.mean, arch.std))
-    val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size, arch.mean, arch.std)),
+    train_ds = ManifestDataset(train_df, cfg.classes,
+                               TrainPreset(cfg.image_size, cfg.augment, arch.mean, arch.std, cfg.fit))
+    val_loader = make_loader(ManifestDataset(val_df, cfg.classes, EvalPreset(cfg.image_size, arch.mean, arch.std, cfg.fit)),
                              cfg.batch_size, cfg.workers, shuffle=False, pin_memory=device.type == "cuda")
     # the tensor cache sits beside the images it is made from (the ingest cache), keyed by their content
-    cache = open_cache(train_df, cfg.image_size, Path(os.path.commonpath(list(train_df["path"]))).parent / "tensors") \
-        if cfg.data_path == "tensor" else None
+    cache = open_cache(train_df, cfg.image_size, Path(os.path.commonpath(list(train_df["path"]))).parent / "tensors",
+                       fit=cfg.fit) if cfg.data_path == "tensor" else None
     run_id = mlflow.active_run().info.run_id if rank == 0 else None
     # BatchNorm statistics are averaged too (use_buffers), so the averaged model is whole as it is
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None

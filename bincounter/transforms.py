@@ -81,8 +81,18 @@ def _normalize(mean, std) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
 
 
-def geometry(image_size: int) -> list:
-    """The deterministic part of both presets: short side to `image_size`, centre square."""
+# How a photo becomes the model's square: `crop` resizes the short side and cuts the centre square (the
+# sides of a 1.3:1 bin photo, and any items there, are cut away); `squash` resizes the whole photo to the
+# square, as the squashed 224 x 224 copies some collections hold already are (a square stays as it is either way)
+FITS = ("crop", "squash")
+
+
+def geometry(image_size: int, fit: str = "crop") -> list:
+    """The deterministic part of both presets: the photo to an `image_size` square, by `fit` (FITS)."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if fit == "squash":
+        return [T.Resize((image_size, image_size), antialias=True)]
     return [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
 
 
@@ -116,20 +126,20 @@ class TrainPreset:
     """Augmentation suited to bins seen from above: the eval geometry, then `augmentations(augment)`, then the
     model's input normalisation (`mean`, `std`: model.input_config). PIL image -> float tensor [3, S, S]."""
 
-    def __init__(self, image_size: int, augment: str, mean, std):
-        self.t = T.Compose([*geometry(image_size), *augmentations(augment), *_normalize(mean, std)])
+    def __init__(self, image_size: int, augment: str, mean, std, fit: str = "crop"):
+        self.t = T.Compose([*geometry(image_size, fit), *augmentations(augment), *_normalize(mean, std)])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.t(img)
 
 
 class EvalPreset:
-    """Resize the short side, centre-crop a square, normalise with the model's `mean`, `std`: deterministic. In
+    """The photo to a square by `fit`, normalised with the model's `mean`, `std`: deterministic. In
     two halves for batches: `resize` (PIL image -> uint8 [3, S, S], one image at a time) and `normalize` (uint8
     [..., 3, S, S] -> float, a whole batch at once, on any device)."""
 
-    def __init__(self, image_size: int, mean, std):
-        self.resize = T.Compose([*geometry(image_size), T.PILToTensor()])
+    def __init__(self, image_size: int, mean, std, fit: str = "crop"):
+        self.resize = T.Compose([*geometry(image_size, fit), T.PILToTensor()])
         self.normalize = T.Compose(_normalize(mean, std)[1:])  # ToImage is done: PILToTensor
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

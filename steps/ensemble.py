@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> str:
         classes = counters[0].classes
         config = {"classes": classes, "decision": args.decision or counters[0].decision, "members": sources}
         images = [Path(p).read_bytes() for p in val["path"]]
-        per_member = [m.probabilities(images, list(val["image_id"])) for m in counters]
+        per_member = [m.calibrated(images, list(val["image_id"])) for m in counters]  # at the training mix
         # the ensemble at temperature 1 (Ensemble.probabilities' mean): what calibration is fitted on
         probs, errors = np.mean([p for p, _ in per_member], axis=0), per_member[0][1]
         ok = np.array([e is None for e in errors]) & val["count"].isin(classes).to_numpy() & unseen(val, sources)

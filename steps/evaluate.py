@@ -6,12 +6,24 @@ Logs: `test_accuracy`, `test_rmse`, `test_mae`, `test_within1_accuracy`, `baseli
 `test_unreadable`, `per_count.csv`, `confusion_matrix.png`, `samples.png`, `predictions.csv`; how far to trust
 the model: `test_ece`, `test_nll`, `test_brier`, `test_selective_accuracy_{25,50}`, the inventory check as a
 detector (`test_check_auc`, `test_check_auc_off2`, `test_check_catch`, `test_check_catch_off2`,
-`test_check_false_alarm` at the model's threshold), `test_review_rate`, `test_unflagged_accuracy`,
-`reliability.png`, `coverage.png`.
-`tta`, `decision` and `calibrated` override the model's own settings: several ways of answering scored on one
-model.
+`test_check_false_alarm` at the model's threshold; `test_check_false_alarm_at_catch_90` at the threshold that
+flags 90 % of these bins' records off by two or more), `test_review_rate`, `test_unflagged_accuracy`,
+`reliability.png`, `coverage.png`; param `target_mix_applied`, the mix of counts the answers were moved to
+(every figure is measured under it), and `train_mix`, the one the model learned from.
+Per source, when the scored table's `source` column holds more than one (ingest's folders): the same figures
+for each source's bins as `<source>/test_<metric>` (the source's name made MLflow-legal: letters, digits, `_`
+and `-`), its per-count accuracy `<source>/test_accuracy_count_<c>`, `<source>/test_accuracy_se` (a bootstrap
+standard error), and `per_source.csv` (a row per source and one for all bins, with bootstrap standard errors
+of accuracy, RMSE and MAE); the overall `test_*` figures stay those of all bins. `predictions.csv` then has a
+`source` column.
+`tta`, `decision`, `calibrated` and `target_mix` override the model's own settings: several ways of answering
+scored on one model.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): import from the checkout's root,
+    import os, sys  # not from steps/, whose modules would shadow others' (select.py: the standard library's)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import tempfile
@@ -21,9 +33,8 @@ import mlflow
 import pandas as pd
 from tqdm import tqdm
 
-from bincounter import calibration, metrics, serving
-from bincounter import entry
-from bincounter.manifest import read_manifest, write_csv
+from bincounter import calibration, entry, metrics, serving
+from bincounter.manifest import read_manifest, source_groups, write_csv
 from bincounter.model import DECISIONS
 from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
 
@@ -41,11 +52,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="empty: as the model was trained; argmax or median: that rule instead")
     p.add_argument("--calibrated", type=str2bool, default=True,
                    help="false: score the model's raw probabilities (temperature 1), to see what calibration buys")
+    p.add_argument("--target_mix", type=calibration.mix_option, default="",
+                   help="empty: as the model was trained; train (no prior correction), natural (ABID's mix of counts "
+                        "1-5) or shares of every count like 1:0.12,2:0.22,3:0.26,4:0.23,5:0.17: the mix of counts "
+                        "the answers are moved to")
     return p
 
 
+SOURCE = "source"  # the manifest's column naming where each bin came from (ingest's folder)
+
+
 def score(counter: serving.BinCounter, df: pd.DataFrame, batch_size: int, workers: int) -> pd.DataFrame:
-    """Manifest rows -> predictions table (image_id, count, predicted, confidence, p_*, error).
+    """Manifest rows -> predictions table (image_id, count, [source, when the rows hold several,] predicted,
+    confidence, p_*, error).
     An unreadable image gets an error and no prediction; it does not stop the others."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -55,6 +74,7 @@ def score(counter: serving.BinCounter, df: pd.DataFrame, batch_size: int, worker
         except OSError as e:
             return e
 
+    groups = source_groups(df)  # a local folder's name; an S3 bucket or the generator for per-object URIs
     tables = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for start in tqdm(range(0, len(df), batch_size), desc="evaluate", mininterval=5):
@@ -68,6 +88,8 @@ def score(counter: serving.BinCounter, df: pd.DataFrame, batch_size: int, worker
             t = counter.table(probs).rename(columns={"count": "predicted"})
             t.insert(0, "image_id", names)
             t.insert(1, "count", part["count"].to_numpy())
+            if groups.nunique() > 1:
+                t.insert(2, SOURCE, groups.loc[part.index].to_numpy())
             t["error"] = errors
             tables.append(t)
     return pd.concat(tables, ignore_index=True)
@@ -93,7 +115,12 @@ def main(args: argparse.Namespace) -> str:
             counter.decision = args.decision
         if not args.calibrated:
             counter.trust.temperature = 1.0
+        if args.target_mix:
+            counter.target_mix = args.target_mix  # checked against the model's counts: refused before scoring
         with start_step("evaluate", args) as run:
+            mlflow.log_params({"target_mix_applied": calibration.describe_mix(counter.target_mix, counter.classes),
+                               "train_mix": "unknown" if counter.train_mix is None
+                               else calibration.format_mix(counter.classes, counter.train_mix)})
             mlflow.log_input(mlflow.data.from_pandas(test, name="test"), context="testing")
             preds = score(counter, test, args.batch_size, args.workers)
             ok = preds[preds["error"].isna()]
@@ -117,24 +144,86 @@ def main(args: argparse.Namespace) -> str:
             print(f"evaluate: {len(ok)} images, accuracy {m['accuracy']:.3f} (baseline {base['accuracy']:.3f}), "
                   f"rmse {m['rmse']:.3f} (baseline {base['rmse']:.3f}), unreadable {len(preds) - len(ok)}; "
                   + ", ".join(f"{k} {v:.3f}" for k, v in trust.items()))
+            if SOURCE in preds:
+                table = log_per_source(preds, counter, out)
+                shown = [c for c in (SOURCE, "size", "accuracy", "accuracy_se", "rmse", "ece") if c in table]
+                print("evaluate: per source\n" + table[shown].to_string(index=False, float_format="%.3f"))
             return run.info.run_id
+
+
+def trust_figures(ok: pd.DataFrame, counter: serving.BinCounter) -> tuple[dict[str, float], tuple]:
+    """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes
+    (calibration.trust_metrics at the model's check threshold) -> ({test_<figure>: value}, the arrays they were
+    computed from); no figures without such bins."""
+    classes = counter.classes
+    rows = ok[ok["count"].isin(classes)]
+    arrays = calibration.table_arrays(rows, classes)
+    if rows.empty:
+        return {}, arrays
+    out = calibration.trust_metrics(*arrays, classes, counter.trust.check_threshold)
+    return {f"test_{k}": v for k, v in out.items()}, arrays
 
 
 def log_trust(ok: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]:
     """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes:
     logs `test_ece`, `test_nll`, `test_brier`, selective accuracy of the 25 % / 50 % most confident counts, the
-    inventory check as a detector at the model's check threshold (`test_check_*`), the share flagged for
-    review and the accuracy of the rest, `reliability.png` and `coverage.png`. -> the metrics."""
-    classes = counter.classes
-    rows = ok[ok["count"].isin(classes)]
-    probs, y, right, conf, review = calibration.table_arrays(rows, classes)
-    out = calibration.trust_metrics(probs, y, right, conf, review, classes, counter.trust.check_threshold)
-    out = {f"test_{k}": v for k, v in out.items()}
+    inventory check as a detector at the model's check threshold (`test_check_*`) and at a threshold catching 90 %
+    of the far-off records (`test_check_false_alarm_at_catch_90`), the share flagged for review and the accuracy
+    of the rest, `reliability.png` and `coverage.png`. -> the metrics."""
+    out, (probs, y, right, conf, review) = trust_figures(ok, counter)
     mlflow.log_metrics(out)
     metrics.log_figure(metrics.plot_reliability(calibration.reliability(probs, y)), "reliability.png")
     cov, acc = calibration.coverage_curve(conf, right)
     metrics.log_figure(metrics.plot_coverage(cov, acc, 1 - out["test_review_rate"]), "coverage.png")
     return out
+
+
+def source_figures(preds: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]:
+    """One group of scored bins (a predictions table) -> the figures evaluate logs for all bins, by the same
+    functions: size, unreadable, accuracy, rmse, mae, within1_accuracy (metrics.count_metrics), accuracy per
+    true count (metrics.per_class_table's recall, counts present only), the trust figures (trust_figures).
+    Keys without the `test_` prefix."""
+    ok = preds[preds["error"].isna()]
+    out = {"size": len(ok), "unreadable": len(preds) - len(ok)}
+    if ok.empty:
+        return out
+    out.update(metrics.count_metrics(ok["count"], ok["predicted"]))
+    per_count = metrics.per_class_table(ok["count"], ok["predicted"], counter.classes)
+    out.update({f"accuracy_count_{c}": float(r) for c, r, n in
+                zip(per_count["count"], per_count["recall"], per_count["support"]) if n > 0})
+    trust, _ = trust_figures(ok, counter)
+    out.update({k.removeprefix("test_"): v for k, v in trust.items()})
+    return out
+
+
+def log_per_source(preds: pd.DataFrame, counter: serving.BinCounter, out: Path) -> pd.DataFrame:
+    """Every source's figures (source_figures) as `<source>/test_<figure>` metrics (the name made MLflow-legal,
+    metrics.metric_prefixes) with `<source>/test_accuracy_se`, and `per_source.csv`: a row per source and one
+    for all bins (source `(all)`, figures as the overall `test_*`), with bootstrap standard errors of accuracy,
+    rmse and mae (metrics.bootstrap_se). -> that table."""
+    preds = preds.assign(**{SOURCE: preds[SOURCE].fillna("").astype(str)})
+    prefixes = metrics.metric_prefixes(preds[SOURCE].tolist())
+    rows = []
+    for source, group in [(None, preds), *preds.groupby(SOURCE, sort=True)]:
+        figures = {**source_figures(group, counter), **_count_se(group[group["error"].isna()])}
+        if source is not None:
+            mlflow.log_metrics({f"{prefixes[source]}/test_{k}": v for k, v in figures.items()
+                                if k not in ("rmse_se", "mae_se")})
+        rows.append({SOURCE: "(all)" if source is None else source,
+                     "metric_prefix": "" if source is None else prefixes[source], **figures})
+    table = pd.DataFrame(rows)
+    write_csv(table, out / "per_source.csv")
+    mlflow.log_artifact(str(out / "per_source.csv"))
+    return table
+
+
+def _count_se(ok: pd.DataFrame) -> dict[str, float]:
+    """Scored bins -> bootstrap standard errors of accuracy, rmse and mae (`<figure>_se`; none without bins)."""
+    if ok.empty:
+        return {}
+    t, p = ok["count"].to_numpy(), ok["predicted"].to_numpy()
+    se = metrics.bootstrap_se(lambda idx: metrics.count_metrics(t[idx], p[idx]), len(ok))
+    return {f"{k}_se": se[k] for k in ("accuracy", "rmse", "mae")}
 
 
 def _samples(ok: pd.DataFrame, test: pd.DataFrame, n: int = 12):

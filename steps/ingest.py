@@ -1,14 +1,22 @@
 """ingest: fetch the listed images, verify them and cache resized copies; record which are good and which are bad.
 
-Reads: `file_list.json` (any source but synthetic; `--file_list all` takes every image of a local folder whose
-count its metadata or its labels.csv knows) and the images from `--source` s3 | local | synthetic.
-Logs: `manifest.csv` (image_id, count, path, sha256, width, height, source), `rejects.csv` (image_id, reason,
-detail), `samples.png` (a contact sheet of ingested images with their counts), the manifest as the run's
-dataset input (context `ingest`), metrics ingested, rejected, rejected_<reason>, count_<c>, cache_hits +
-downloaded + not_downloaded (images: they add up to the number listed), metadata_downloaded, temp_files_removed.
-Images live in the cache (`--cache_dir`), see bincounter.ingest.
+Reads: `file_list.json` (any source but synthetic; `--file_list all` takes every image of the local folders whose
+count its metadata or its labels.csv knows) and the images from `--source` s3 | local | synthetic. `--data_dir`
+may name several folders, separated by commas: a bin id in several is taken from the first listed (a file list's
+ids are looked up in the folders in that order), and each copy left is recorded as a duplicate.
+Logs: `manifest.csv` (image_id, count, path, sha256, width, height, source: a local folder's name or the object's
+URI, count_from: metadata | labels), `rejects.csv` (image_id, reason, detail; reason duplicate_id for the copies
+left), `samples.png` (a contact sheet of ingested images with their counts), the manifest as the run's dataset
+input (context `ingest`), metrics ingested, rejected, rejected_<reason>, count_<c>, cache_hits + downloaded +
+not_downloaded (images: they add up to the number listed), metadata_downloaded, temp_files_removed,
+duplicate_ids, label_conflicts (labels.csv and metadata disagree: the metadata's count is used), and per source
+ingested_<source> and rejected_<source>. Images live in the cache (`--cache_dir`), see bincounter.ingest.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): import from the checkout's root,
+    import os, sys  # not from steps/, whose modules would shadow others' (select.py: the standard library's)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import random
@@ -21,10 +29,10 @@ import numpy as np
 from PIL import Image
 
 from bincounter import abid, entry, synthetic
-from bincounter.ingest import ingest
+from bincounter.ingest import ingest_many, label_conflicts
 from bincounter.manifest import write_csv
 from bincounter.runs import download_uri, start_step, whole
-from bincounter.sources import LocalSource, S3Source, SyntheticSource
+from bincounter.sources import S3Source, SyntheticSource, all_labels, local_folders, locate
 from bincounter.transforms import read_image
 
 SOURCES = ("s3", "local", "synthetic")
@@ -36,9 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="s3", help="s3 (the ABID bucket), local (a folder in its layout) or synthetic")
     p.add_argument("--file_list", default="file_list.json",
-                   help="the list to ingest (a path or `runs:/` URI); `all`: every image of a local folder")
+                   help="the list to ingest (a path or `runs:/` URI); `all`: every image of the local folders")
     p.add_argument("--data_dir", default="",
-                   help="source=local: folder with `bin-images/`, `metadata/` (and `labels.csv`)")
+                   help="source=local: folder with `bin-images/`, `metadata/` (and `labels.csv`), or several "
+                        "separated by commas (a bin id in several is taken from the first)")
     p.add_argument("--cache_dir", default="data", help="the local image cache")
     p.add_argument("--bucket", default=abid.BUCKET, help="source=s3: the bucket (read anonymously)")
     p.add_argument("--endpoint_url", default="", help="S3 endpoint override (e.g. a local emulator)")
@@ -57,12 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.source not in SOURCES:
         raise ValueError(f"source: unknown source {args.source!r} (expected one of {', '.join(SOURCES)})")
     if args.source == "local":
-        if not args.data_dir:
-            raise ValueError("data_dir: source=local needs data_dir, a folder with bin-images/ and metadata/")
-        if not Path(args.data_dir).is_dir():
-            raise ValueError(f"data_dir: {args.data_dir} does not exist or is not a folder")
-        if not (Path(args.data_dir) / abid.IMAGE_PREFIX).is_dir():
-            raise ValueError(f"data_dir: {args.data_dir} has no {abid.IMAGE_PREFIX} folder")
+        local_folders(args.data_dir)  # each folder: there, with photos, given once, named apart from the others
     if args.file_list == "all" and args.source != "local":
         raise ValueError(f"file_list: 'all' works only with source=local, not source={args.source}")
     if args.count_min < 0:
@@ -81,21 +85,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"seed: must be 0 or more, got {args.seed}")
 
 
-def make_source(args: argparse.Namespace):
+def make_sources(args: argparse.Namespace) -> list:
+    """The sources to read, in order: one for s3 and synthetic, one per data_dir folder for local."""
     if args.source == "s3":
-        return S3Source(args.bucket, args.endpoint_url or None, args.workers)
+        return [S3Source(args.bucket, args.endpoint_url or None, args.workers)]
     if args.source == "local":
-        return LocalSource(args.data_dir)
-    return SyntheticSource(args.num_images, args.count_min, args.count_max, args.seed, args.image_size)
+        return local_folders(args.data_dir)
+    return [SyntheticSource(args.num_images, args.count_min, args.count_max, args.seed, args.image_size)]
 
 
-def list_items(args: argparse.Namespace, source) -> dict[str, int | None]:
-    """{image_id: count from the list, or None where only the metadata knows it}, cut to `limit` by a seeded
-    shuffle (so a limit keeps the counts' proportions), sorted by id."""
+def list_items(args: argparse.Namespace, sources: list) -> tuple[dict[str, int | None], dict, dict]:
+    """-> ({image_id: count from the list, or None where only the metadata knows it}, {image_id: the source to
+    read it from}, {image_id: every folder that has it} for the ids taken from one of several). The items are
+    cut to `limit` by a seeded shuffle (so a limit keeps the counts' proportions), sorted by id; duplicates are
+    those of the items kept."""
+    duplicates: dict = {}
     if args.source == "synthetic":
-        items = source.labels
+        items = sources[0].labels
+        owner = dict.fromkeys(items, sources[0])
     elif args.file_list == "all":
-        items = source.labels()
+        items, owner, duplicates = all_labels(sources)
         if not items:
             raise ValueError(f"data_dir: no image in {args.data_dir} has a count (no metadata, no labels.csv row)")
     else:
@@ -107,11 +116,25 @@ def list_items(args: argparse.Namespace, source) -> dict[str, int | None]:
             raise ValueError(f"file_list: {e}") from None
         if not items:
             raise ValueError(f"file_list: {args.file_list} lists no images")
+        if args.source == "local":
+            owner, duplicates = locate(sources, items)
+        else:
+            owner = dict.fromkeys(items, sources[0])
     ids = sorted(items)
     random.Random(args.seed).shuffle(ids)
     if args.limit:
         ids = ids[:args.limit]
-    return {i: items[i] for i in sorted(ids)}
+    kept = sorted(ids)
+    return ({i: items[i] for i in kept}, {i: owner[i] for i in kept},
+            {i: duplicates[i] for i in kept if i in duplicates})
+
+
+def by_source(items: dict[str, int | None], owner: dict) -> list[tuple[object, dict[str, int | None]]]:
+    """-> [(source, its items), ...], the sources in the order they are first met."""
+    parts: dict[object, dict[str, int | None]] = {}
+    for image_id, count in items.items():
+        parts.setdefault(owner[image_id], {})[image_id] = count
+    return list(parts.items())
 
 
 def contact_sheet(manifest, n: int = SAMPLES) -> Image.Image:
@@ -126,28 +149,42 @@ def main(args: argparse.Namespace):
     """Run the step -> (manifest, rejects, stats). Bad parameters raise SystemExit with the reason."""
     try:
         check_args(args)
-        source = make_source(args)
-        items = list_items(args, source)
+        sources = make_sources(args)
+        items, owner, duplicates = list_items(args, sources)
         if args.source == "s3":  # after the local checks: this one asks the bucket
-            source.check()
+            sources[0].check()
     except ValueError as e:
         raise SystemExit(f"ingest: {e}") from None
     with start_step("ingest", args):
-        manifest, rejects, stats = ingest(items, source, args.cache_dir, args.image_size,
-                                          (args.count_min, args.count_max), args.workers)
+        # labels.csv (file_list=all) counts give way to the metadata's; a file list's mismatch is a reject
+        manifest, rejects, stats = ingest_many(by_source(items, owner), args.cache_dir, args.image_size,
+                                               (args.count_min, args.count_max), args.workers, duplicates,
+                                               metadata_wins=args.file_list == "all")
         mlflow.log_metrics(stats)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(write_csv(manifest, Path(tmp) / "manifest.csv")))
             mlflow.log_artifact(str(write_csv(rejects, Path(tmp) / "rejects.csv")))
         for reason, group in rejects.groupby("reason"):
-            print(f"ingest: {len(group)} rejected as {reason}, e.g. {group['detail'].iloc[0]}")
+            if reason != "duplicate_id":
+                print(f"ingest: {len(group)} rejected as {reason}, e.g. {group['detail'].iloc[0]}")
+        if duplicates:
+            print(f"ingest: {len(duplicates)} bin ids are in several folders, each taken from the first listed "
+                  f"(duplicate_id in rejects.csv), e.g. {', '.join(list(duplicates)[:5])}")
+        conflicts = label_conflicts(manifest, items)
+        if len(conflicts):
+            print(f"ingest: {len(conflicts)} bins have a labels.csv count that their metadata contradicts; the "
+                  f"metadata's count is used (count_from=metadata), e.g. " + ", ".join(
+                      f"{r.image_id} ({r.source}): labels {r.listed}, metadata {r['count']}"
+                      for _, r in conflicts.head(3).iterrows()))
         if manifest.empty:
-            raise SystemExit(f"ingest: no image was ingested ({len(rejects)} rejected, see rejects.csv)")
+            raise SystemExit(f"ingest: no image was ingested ({stats['rejected']} rejected, see rejects.csv)")
         with warnings.catch_warnings():
             # MLflow hints that int columns cannot hold missing values (none here) and that a local path
             # could be read two ways (it picks the local artifact source, which is right)
             warnings.simplefilter("ignore", UserWarning)
-            ds = mlflow.data.from_pandas(manifest, source=source.dataset_source, name=f"ingest-{args.source}")
+            dataset_source = sources[0].dataset_source if len(sources) == 1 else \
+                ",".join(s.dataset_source for s in sources)  # several folders: their paths
+            ds = mlflow.data.from_pandas(manifest, source=dataset_source, name=f"ingest-{args.source}")
             mlflow.log_input(ds, context="ingest")
         mlflow.log_image(contact_sheet(manifest), "samples.png")
     print(f"ingest: {stats['ingested']} images ingested, {stats['rejected']} rejected; "

@@ -13,6 +13,10 @@ Logs: tags `<step>_run_id` for every step, and the final champion/challenger ver
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): import from the checkout's root,
+    import os, sys  # not from steps/, whose modules would shadow others' (select.py: the standard library's)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import shlex
 from pathlib import Path
@@ -32,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY_PARAMS = {name: e.get("parameters", {}) for name, e in
                 yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items()}
 # train's parameters that main passes on (empty: train's own default, its MLproject default)
-LEVERS = (*TUNABLE, *trainer.lever_names(), "data_path", "calibrate", "target_accuracy", "target_catch")
+LEVERS = (*TUNABLE, *trainer.lever_names(), "data_path", "calibrate", "target_accuracy", "target_catch",
+          "target_mix")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="s3: the ABID bucket; local: a folder in its layout; synthetic: generated bins")
     p.add_argument("--labels", default="", help="run select on this label index (or `s3`) and ingest its list")
     p.add_argument("--file_list", default="file_list.json", help="ingest this list when `labels` is empty")
-    p.add_argument("--data_dir", default="", help="source=local: the folder")
+    p.add_argument("--data_dir", default="", help="source=local: the folder, or several, comma-separated (as ingest)")
     p.add_argument("--cache_dir", default="data", help="the local image cache")
     p.add_argument("--num_images", type=whole, default=1000, help="source=synthetic: how many bins to draw")
     p.add_argument("--limit", type=whole, default=0, help="ingest only this many (a seeded random pick); 0 = all")

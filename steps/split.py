@@ -1,9 +1,16 @@
-"""split: stratified train/val/test split of an ingest run's manifest.
+"""split: train/val/test split of an ingest run's manifest, stratified by count and source.
 
+Each (count, source) group is split in the fractions given, so every source (a local folder, a bucket, the
+generator) keeps its share of every count in train, val and test; a manifest of one source splits by count alone.
 Reads: the ingest run's `manifest.csv` (a FINISHED ingest run).
-Logs: `splits/{train,val,test}.csv`, `class_histogram.png`, param `classes`, metrics `{split}_size`.
+Logs: `splits/{train,val,test}.csv`, `class_histogram.png`, `sources.csv` (per source and count: the bins in
+train, val, test and in all), param `classes`, metrics `{split}_size` and per source `{split}_size_<source>`.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): import from the checkout's root,
+    import os, sys  # not from steps/, whose modules would shadow others' (select.py: the standard library's)
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import tempfile
@@ -12,7 +19,7 @@ from pathlib import Path
 import mlflow
 
 from bincounter import entry, metrics
-from bincounter.manifest import check_fractions, read_manifest, stratified_split, write_csv
+from bincounter.manifest import check_fractions, metric_key, read_manifest, source_table, stratified_split, write_csv
 from bincounter.runs import download, finished_run, start_step, whole
 
 
@@ -44,7 +51,15 @@ def main(args: argparse.Namespace) -> str:
             mlflow.log_metric(f"{name}_size", len(part))
         mlflow.log_artifacts(str(Path(tmp) / "splits"), "splits")
         metrics.log_figure(metrics.plot_histogram({k: v["count"] for k, v in splits.items()}), "class_histogram.png")
+        table = source_table(splits)
+        mlflow.log_artifact(str(write_csv(table, Path(tmp) / "sources.csv")))
+        per_source = table.groupby("source")[list(splits)].sum()
+        mlflow.log_metrics({f"{name}_size_{metric_key(src)}": int(n) for src, row in per_source.iterrows()
+                            for name, n in row.items()})
         print("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        if len(per_source) > 1:
+            print("split: per source (train/val/test): " + ", ".join(
+                f"{src} {'/'.join(str(int(n)) for n in row)}" for src, row in per_source.iterrows()))
         return run.info.run_id
 
 

@@ -1,13 +1,17 @@
-"""Test data: a small FINISHED split run made in-process, without the ingest and split steps.
+"""Test data: a small FINISHED split run made in-process, without the ingest and split steps; folders in the
+bucket's layout.
 
 make_split_run(tmp_path) draws generated bins (bincounter.synthetic) as JPEGs under tmp_path, builds the
 manifest (bincounter.manifest.COLUMNS), splits it stratified 60/20/20 and logs it the way steps/split.py
 does: tag bincounter.step=split, param classes, artifacts splits/{train,val,test}.csv.
+make_abid_folder(root, ...) writes generated bins as `bin-images/<id>.jpg` with `metadata/<id>.json` and a
+`labels.csv` for the ids asked, as ../shared/abid-* are laid out (a source=local data_dir).
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -33,7 +37,7 @@ def make_manifest(directory: Path, n: int = 60, size: int = 64, classes=(1, 2, 3
         path.write_bytes(data)
         rows.append({"image_id": image_id, "count": count, "path": str(path),
                      "sha256": hashlib.sha256(data).hexdigest(), "width": size, "height": size,
-                     "source": "synthetic"})
+                     "source": "synthetic", "count_from": "labels"})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -52,3 +56,23 @@ def make_split_run(tmp_path: Path, n: int = 60, size: int = 64, classes=(1, 2, 3
         for name, part in splits.items():
             mlflow.log_metric(f"{name}_size", len(part))
     return run.info.run_id
+
+
+def make_abid_folder(root: Path, bins: dict[str, int], metadata: dict[str, int] | None = None,
+                     labels: dict[str, int] | None = None, seed: int = 0, size: int = 48) -> Path:
+    """A folder in the bucket's layout: `bin-images/<id>.jpg` for each of `bins` ({image_id: count drawn}),
+    `metadata/<id>.json` with EXPECTED_QUANTITY for each of `metadata` ({image_id: count}) and a `labels.csv`
+    (image_id,count) of `labels` when given. `seed` makes the photos: two folders with different seeds hold
+    different photos under the same id. -> root"""
+    (root / "bin-images").mkdir(parents=True, exist_ok=True)
+    for n, (image_id, count) in enumerate(sorted(bins.items())):
+        buf = io.BytesIO()
+        draw_bin(count, seed * 100_000 + n, size).save(buf, format="JPEG", quality=90)
+        (root / "bin-images" / f"{image_id}.jpg").write_bytes(buf.getvalue())
+    for image_id, count in (metadata or {}).items():
+        (root / "metadata").mkdir(exist_ok=True)
+        doc = {"BIN_FCSKU_DATA": {}, "EXPECTED_QUANTITY": count}
+        (root / "metadata" / f"{image_id}.json").write_text(json.dumps(doc))
+    if labels is not None:
+        (root / "labels.csv").write_text("image_id,count\n" + "".join(f"{i},{c}\n" for i, c in sorted(labels.items())))
+    return root

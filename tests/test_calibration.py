@@ -102,6 +102,12 @@ def test_check_figures_treat_every_count_as_a_record():
     # right records: 0.6, 0.8; wrong: 0.3, 0.1, 0.1, 0.1; off by two: 0.1 (bin 1 says 3), 0.1 (bin 2 says 1)
     assert f["check_auc"] == 1 and f["check_auc_off2"] == 1
     assert f["check_catch"] == 0.75 and f["check_catch_off2"] == 1 and f["check_false_alarm"] == 0
+    # at a fixed catch: the threshold that flags 90 % of the far-off records (both at 0.3) flags the right 0.2 too
+    probs = np.array([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]])
+    assert calibration.false_alarm_at_catch(probs, y, [1, 2, 3]) == 0.5
+    assert calibration.false_alarm_at_catch(probs, y, [1, 2, 3], target=0.5) == 0.5  # one of two: still 0.3
+    m = calibration.trust_metrics(probs, y, np.array([False, True]), probs.max(1), np.zeros(2, bool), [1, 2, 3], 0.25)
+    assert m["check_false_alarm_at_catch_90"] == 0.5 and m["check_false_alarm"] == 0.5
 
 
 def test_thresholds_meet_their_targets_on_the_data_they_were_chosen_on():
@@ -195,7 +201,7 @@ def test_evaluate_says_how_far_to_trust_the_model(tiny_model, tmp_path):
     m = run.data.metrics
     for k in ("test_ece", "test_nll", "test_brier", "test_selective_accuracy_25", "test_selective_accuracy_50",
               "test_check_auc", "test_check_auc_off2", "test_check_catch", "test_check_catch_off2",
-              "test_check_false_alarm", "test_review_rate"):
+              "test_check_false_alarm", "test_check_false_alarm_at_catch_90", "test_review_rate"):
         assert k in m and np.isfinite(m[k]), k
     assert 0 <= m["test_ece"] <= 1 and 0 <= m["test_check_auc"] <= 1
     preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions.csv"))
@@ -218,7 +224,7 @@ def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path)
 
     split = make_split_run(tmp_path, n=100, size=32)
     base = ["--split_run_id", split, "--weights=none", "--arch=resnet18", "--image_size=32", "--max_steps=1",
-            "--batch_size=8", "--lr=0.003", "--label_smoothing=0.1"]
+            "--batch_size=8", "--lr=0.003", "--label_smoothing=0.1", "--target_mix=natural"]
     source = train.main(train.get_args_parser().parse_args([*base, "--epochs=3", "--patience=1"]))
     best = int(mlflow.get_run(source).data.metrics["best_epoch"])
     args = train.get_args_parser().parse_args(["--split_run_id", split, "--refit_of", source, "--epochs=9",
@@ -232,6 +238,10 @@ def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path)
     assert rows == {"train": 60 + 10, "val": 10}  # 20 validation bins: half join training, half calibrate
     # the refit keeps its last epoch, whatever validation says
     assert run.data.metrics["best_epoch"] == best
+    # it answers for the mix its source does, from the mix of the bins it trained on (train + 10 validation bins)
+    from bincounter import serving
+    config = serving.load(f"runs:/{run.info.run_id}/model").config
+    assert config["target_mix"] == "natural" and p["train_mix"] == "1:0.2,2:0.2,3:0.2,4:0.2,5:0.2"
     # an ensemble with this refit calibrates only on the validation bins it kept back
     from bincounter.manifest import read_manifest
     from bincounter.runs import download

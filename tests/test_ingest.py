@@ -350,7 +350,9 @@ def test_limit_is_a_seeded_pick(tmp_path):
     fl = file_list(tmp_path / "fl.json", labels)
 
     def pick(seed, limit):
-        return step.list_items(parse("--file_list", fl, "--seed", seed, "--limit", limit), None)
+        items, owner, duplicates = step.list_items(parse("--file_list", fl, "--seed", seed, "--limit", limit), ["s3"])
+        assert set(owner) == set(items) and set(owner.values()) == {"s3"} and duplicates == {}
+        return items
 
     a = pick(1, 25)
     assert len(a) == 25 and a == pick(1, 25) and a != pick(2, 25)

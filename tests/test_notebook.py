@@ -1,7 +1,9 @@
 """notebooks/bin_counter.ipynb runs top to bottom (nbclient, offline, tiny settings) and is committed clean."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import time
 
@@ -23,6 +25,17 @@ def test_committed_notebook_has_no_outputs():
              if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     assert not dirty, f"cells {dirty} have outputs or execution counts: clear them before committing"
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+def test_the_inventory_check_takes_the_models_own_threshold():
+    """The reconcile cell uses the threshold the model carries (chosen on validation) and says what it promises,
+    through the functions `bincounter reconcile` uses: no threshold typed into the notebook."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    literal = re.findall(r"^\s*\w*threshold\w*\s*=\s*[-+\d.]", code, re.I | re.M)
+    assert not literal, f"the notebook sets a threshold by hand: {literal}"
+    assert re.search(r"\bthreshold\w*\s*=\s*counter\.trust\.check_threshold\b", code, re.I), code
+    assert re.search(r"\bcalibration\.describe_check\(counter\.trust, threshold\b", code), code
 
 
 def _text(cell) -> str:
@@ -77,6 +90,11 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     reconciled = _text(cells["reconcile"])
     assert "bins_checked" in reconciled and '"bins_checked": 12' in reconciled, reconciled
     assert '"no_image": 1' in reconciled and '"outside_model_range": 1' in reconciled
+    from bincounter import calibration, serving
+    counter = serving.load(f"models:/{TINY['NB_MODEL_NAME']}@champion")  # the model the cell checked with
+    threshold = counter.trust.check_threshold
+    assert f'"threshold": {json.dumps(threshold)}' in reconciled, reconciled  # the model's own threshold
+    assert calibration.describe_check(counter.trust, threshold, counter.target_mix) in reconciled, reconciled
     assert "report.html" in _text(cells["report"]) and "Bin inventory check" in _text(cells["report"])
     assert (tmp_path / "work" / "reconcile" / "report.html").is_file()
 

@@ -91,3 +91,17 @@ def test_eval_preset_in_halves_for_batches_is_the_same():
     batch = preset.normalize(torch.stack([preset.resize(img) for img in images]))
     assert torch.allclose(batch, torch.stack([preset(img) for img in images]), atol=1e-6)
     assert preset.resize(images[1]).dtype == torch.uint8
+
+
+def test_fit_squash_keeps_the_whole_photo_and_crop_cuts_its_sides():
+    """A 2:1 photo with a red strip at its left edge: crop cuts the strip away, squash keeps it; a square photo
+    is the same either way (the squashed 224 x 224 copies)."""
+    img = Image.new("RGB", (128, 64), (0, 0, 200))
+    img.paste((255, 0, 0), (0, 0, 16, 64))
+    crop, squash = (EvalPreset(32, (0, 0, 0), (1, 1, 1), fit).resize(img) for fit in ("crop", "squash"))
+    assert crop.shape == squash.shape == (3, 32, 32)
+    assert crop[0, :, 0].max() < 50 and squash[0, :, 0].min() > 200  # red only where squash kept the edge
+    square = Image.new("RGB", (64, 64), (10, 200, 30))
+    assert torch.equal(EvalPreset(32, MEAN, STD, "crop")(square), EvalPreset(32, MEAN, STD, "squash")(square))
+    with pytest.raises(ValueError, match=r"fit must be one of \('crop', 'squash'\), got 'stretch'"):
+        TrainPreset(32, "light", MEAN, STD, "stretch")
