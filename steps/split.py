@@ -17,9 +17,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from bincounter import entry, metrics
-from bincounter.manifest import check_fractions, metric_key, read_manifest, source_table, stratified_split, write_csv
+from bincounter.manifest import (check_fractions, metric_key, read_manifest, source_groups, source_table,
+                                 stratified_split, write_csv)
 from bincounter.runs import download, finished_run, start_step, whole
 
 
@@ -32,7 +34,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="share to validate on (early stopping, hpo, calibration)")
     p.add_argument("--test_frac", type=float, default=0.2, help="share held out for evaluate")
     p.add_argument("--seed", type=whole, default=42, help="seeds the split")
+    p.add_argument("--sources", default="",
+                   help="keep only these sources (comma-separated ingest folder names) after splitting them all: "
+                        "each bin stays in the split it has in the split of every source, so a model trained on "
+                        "fewer sources is tested on the same bins; empty = every source")
     return p
+
+
+def keep_sources(splits: dict[str, pd.DataFrame], sources: str) -> dict[str, pd.DataFrame]:
+    """{split: manifest} -> the same with only the rows of `sources` (comma-separated source_group names; empty:
+    all). ValueError naming the sources there are, for a name that is not one of them."""
+    if not sources:
+        return splits
+    wanted = [s.strip() for s in sources.split(",") if s.strip()]
+    known = sorted(set().union(*(set(source_groups(v)) for v in splits.values())))
+    unknown = [s for s in wanted if s not in known]
+    if unknown or not wanted:
+        raise ValueError(f"sources: {', '.join(unknown) or repr(sources)} not in the manifest; its sources are "
+                         f"{', '.join(known)}")
+    return {k: v[source_groups(v).isin(wanted)].reset_index(drop=True) for k, v in splits.items()}
 
 
 def main(args: argparse.Namespace) -> str:
@@ -45,7 +65,8 @@ def main(args: argparse.Namespace) -> str:
         lo = int(ingest.data.params.get("count_min", df["count"].min()))
         hi = int(ingest.data.params.get("count_max", df["count"].max()))
         mlflow.log_param("classes", ",".join(str(c) for c in range(lo, hi + 1)))
-        splits = stratified_split(df, (args.train_frac, args.val_frac, args.test_frac), args.seed)
+        splits = keep_sources(stratified_split(df, (args.train_frac, args.val_frac, args.test_frac), args.seed),
+                              args.sources)
         for name, part in splits.items():
             write_csv(part, Path(tmp) / "splits" / f"{name}.csv")
             mlflow.log_metric(f"{name}_size", len(part))

@@ -306,6 +306,24 @@ def test_the_split_step_logs_the_sources(tmp_path, capsys):
     assert "split: per source (train/val/test): abid-more " in capsys.readouterr().out
 
 
+def test_a_split_of_some_sources_keeps_each_bin_where_the_split_of_all_puts_it(tmp_path):
+    df = mixed_manifest()
+    with mlflow.start_run(run_name="ingest (test data)") as ingest_run:
+        mlflow.set_tag("bincounter.step", "ingest")
+        mlflow.log_params({"count_min": 1, "count_max": 5})
+        mlflow.log_artifact(str(write_csv(df, tmp_path / "manifest.csv")))
+    parse_split = split_step.get_args_parser().parse_args
+    every = mlflow.get_run(split_step.main(parse_split(["--ingest_run_id", ingest_run.info.run_id])))
+    some = mlflow.get_run(split_step.main(parse_split(["--ingest_run_id", ingest_run.info.run_id,
+                                                       "--sources", "abid-sample,abid-thumbs"])))
+    for k in ("train", "val", "test"):
+        a, b = (read_manifest(artifact(r, f"splits/{k}.csv")) for r in (every, some))
+        assert b["image_id"].tolist() == a.loc[a["source"] != "abid-more", "image_id"].tolist() and len(b), k
+    with pytest.raises(ValueError, match="sources: abid-other not in the manifest; its sources are abid-more, "
+                                         "abid-sample, abid-thumbs"):
+        split_step.main(parse_split(["--ingest_run_id", ingest_run.info.run_id, "--sources", "abid-other"]))
+
+
 # --- the real folders -----------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not all((d / "labels.csv").exists() for d in REAL),
