@@ -7,7 +7,9 @@ averages of distributions. T > 1 softens an overconfident model, T < 1 sharpens 
 
 Two thresholds are chosen on validation and travel in the model's config:
 - `review_confidence`: a count whose confidence is below it gets `review=True`. Chosen as the lowest confidence
-  at which the counts kept (not flagged) are right at least `target_accuracy` of the time on validation.
+  at which the counts kept (not flagged) are right at least `target_accuracy` of the time on validation, flagging
+  at most `max_review` of the counts there: where the target needs more, the least confident `max_review` are
+  flagged, and the promise says how often the others were right (a flag on every count tells nobody anything).
 - `check_threshold`: the inventory check flags a record when the model gives its quantity a probability below
   it. Chosen so that `target_catch` of the wrong records that are off by two or more are flagged on validation.
 The inventory check seen as a detector: every bin and every count c is a record "this bin holds c", right when c
@@ -35,7 +37,8 @@ from bincounter.runs import fraction, str2bool
 MIN_IMAGES = 30  # fewer validation images than this: no temperature is fitted (one scalar, but a noisy one)
 MIN_KEPT = 10  # the review threshold keeps at least this many validation counts (the top few are pure noise)
 ECE_BINS = 10
-TARGET_ACCURACY = 0.8  # review: the counts not flagged are right this often (train's target_accuracy)
+TARGET_ACCURACY = 0.8  # review: the counts not flagged are right this often (train's target_accuracy) ...
+MAX_REVIEW = 0.3  # ... flagging at most this share of them (train's max_review; 1: as many as the target needs)
 TARGET_CATCH = 0.9  # the check flags this share of the records off by FAR_OFF or more (train's target_catch)
 DEFAULT_CHECK_THRESHOLD = 0.2  # what reconcile used before thresholds were fitted (models logged before)
 FAR_OFF = 2  # records off by at least this many items: the ones the check must catch
@@ -324,16 +327,26 @@ def trust_metrics(probs, y, right, confidence, review, classes: list[int], thres
             "unflagged_accuracy": float(right[~review].mean()) if (~review).any() else float("nan")}
 
 
-def choose_review_confidence(confidence: np.ndarray, right: np.ndarray, target: float) -> float:
-    """The lowest confidence threshold at which the counts at or above it (at least MIN_KEPT of them) are right
-    at least `target` of the time; above every confidence (all counts to review) when no threshold reaches it."""
+def choose_review_confidence(confidence: np.ndarray, right: np.ndarray, target: float,
+                             max_share: float = 1.0) -> float:
+    """The lowest confidence threshold at which the counts at or above it (at least MIN_KEPT of them, and all but
+    at most `max_share` of the counts) are right at least `target` of the time. When none reaches it: the
+    threshold that flags the least confident `max_share` (fewer where confidences tie); with `max_share` 1, above
+    every confidence (all counts to review)."""
     order = np.argsort(-confidence, kind="stable")
     conf = confidence[order]
-    acc = np.cumsum(right[order]) / np.arange(1, len(conf) + 1)
-    for k in range(len(conf), MIN_KEPT - 1, -1):  # the most counts kept first
-        if acc[k - 1] >= target and (k == len(conf) or conf[k] < conf[k - 1]):  # never split tied confidences
+    n = len(conf)
+    acc = np.cumsum(right[order]) / np.arange(1, n + 1)
+    fewest = max(MIN_KEPT, math.ceil((1 - max_share) * n - 1e-9))  # the fewest counts a threshold may keep
+    for k in range(n, fewest - 1, -1):  # the most counts kept first
+        if acc[k - 1] >= target and (k == n or conf[k] < conf[k - 1]):  # never split tied confidences
             return float(conf[k - 1])
-    return float(np.nextafter(conf.max(), np.inf)) if len(conf) else 1.0
+    if max_share < 1 and fewest <= n:
+        k = fewest
+        while k < n and conf[k] == conf[k - 1]:  # a tie at the cut: flag fewer
+            k += 1
+        return float(conf[k - 1]) if k < n else 0.0
+    return float(np.nextafter(conf.max(), np.inf)) if n else 1.0
 
 
 def choose_check_threshold(probs: np.ndarray, y: np.ndarray, classes: list[int], target: float) -> float:
@@ -367,7 +380,8 @@ class Trust:
 
 
 def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str = "argmax", calibrate: bool = True,
-        target_accuracy: float = TARGET_ACCURACY, target_catch: float = TARGET_CATCH) -> Trust:
+        target_accuracy: float = TARGET_ACCURACY, target_catch: float = TARGET_CATCH,
+        max_review: float = MAX_REVIEW) -> Trust:
     """Validation probabilities [N, C] (uncalibrated), true class indices, the model's decision rule
     (bincounter.model.decide) -> Trust: the temperature (1 unless `calibrate` and the data allow
     a fit), then both thresholds chosen on the calibrated probabilities, and what they promise there."""
@@ -378,11 +392,11 @@ def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str = "a
         return Trust(temperature=t, note=f"{note}; review and check thresholds left at their defaults")
     best = decide(probs, decision)  # the model's own answer: the temperature changes its confidence only
     confidence, right = cal[np.arange(len(y)), best], best == y
-    review = choose_review_confidence(confidence, right, target_accuracy)
+    review = choose_review_confidence(confidence, right, target_accuracy, max_review)
     check = choose_check_threshold(cal, y, classes, target_catch)
     kept = confidence >= review
     promise = {"measured_on": f"validation split ({len(y)} bins)", "target_accuracy": target_accuracy,
-               "target_catch": target_catch, "review_rate": float(1 - kept.mean()),
+               "max_review": max_review, "target_catch": target_catch, "review_rate": float(1 - kept.mean()),
                "kept_accuracy": float(right[kept].mean()) if kept.any() else float("nan"),
                **check_figures(cal, y, classes, check)}
     return Trust(temperature=t, review_confidence=review, check_threshold=check, promise=promise, note=note)
@@ -395,7 +409,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="fit a temperature on the validation split so that probabilities mean what they say "
                         "(too few validation bins: temperature 1, tagged)")
     g.add_argument("--target_accuracy", type=fraction, default=TARGET_ACCURACY,
-                   help="review flag: chosen on validation so that the counts not flagged are right this often")
+                   help="review flag: chosen on validation so that the counts not flagged are right this often ...")
+    g.add_argument("--max_review", type=fraction, default=MAX_REVIEW,
+                   help="... flagging at most this share of the counts (where the target needs more, the least "
+                        "confident this share are flagged and the promise says what the rest are worth); 1: no cap")
     g.add_argument("--target_catch", type=fraction, default=TARGET_CATCH,
                    help="inventory check threshold: chosen on validation to flag this share of the records off by two "
                         "or more")
@@ -407,7 +424,8 @@ def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: 
     `bincounter.calibration` when defaults were kept, and the validation reliability diagram. -> the Trust."""
     from bincounter import metrics  # here, not at the top: it sets matplotlib's backend, which serving's users keep
 
-    trust = fit(probs, y, classes, decision, args.calibrate, args.target_accuracy, args.target_catch)
+    trust = fit(probs, y, classes, decision, args.calibrate, args.target_accuracy, args.target_catch,
+                args.max_review)
     cal = apply_temperature(probs, trust.temperature)
     mlflow.log_metrics({"temperature": trust.temperature, "review_confidence": trust.review_confidence,
                         "check_threshold": trust.check_threshold,
@@ -444,9 +462,12 @@ def describe_review(trust: Trust, target_mix: str = TRAIN_MIX) -> str:
     if p["review_rate"] >= 1:
         return (f"No confidence level reached {p['target_accuracy']:.0%} right counts on the model's "
                 f"{p['measured_on']}: every count is flagged for review.")
+    short = (f", short of the {p['target_accuracy']:.0%} target: flagging more than "
+             f"{p['max_review']:.0%} was not allowed (max_review)"
+             if p["kept_accuracy"] < p["target_accuracy"] and "max_review" in p else "")
     return (f"Counts with confidence below {trust.review_confidence:.3g} are flagged for review "
             f"({_share(p['review_rate'])} of the {p['measured_on']}); the others were right "
-            f"{p['kept_accuracy']:.0%} of the time there.{_mix_caveat(target_mix)}")
+            f"{p['kept_accuracy']:.0%} of the time there{short}.{_mix_caveat(target_mix)}")
 
 
 def _mix_caveat(target_mix: str) -> str:

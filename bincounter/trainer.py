@@ -185,7 +185,7 @@ def config_from(args: argparse.Namespace, classes: list[int], hpo_params: dict |
 CALIBRATION_BINS = "splits/calibration.csv"  # a refit's kept-back validation bins: what no part of it trained on
 # what a refit decides for itself rather than taking from the run it refits
 REFIT_OWN = ("split_run_id", "hpo_run_id", "refit_of", "calibration_frac", "resume", "epochs", "patience",
-             "calibrate", "target_accuracy", "target_catch", *SAGEMAKER_OPTS)
+             "calibrate", "target_accuracy", "max_review", "target_catch", *SAGEMAKER_OPTS)
 
 
 def refit_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY_PARAMS = {name: e.get("parameters", {}) for name, e in
                 yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items()}
 # train's parameters that main passes on (empty: train's own default, its MLproject default)
-LEVERS = (*TUNABLE, *trainer.lever_names(), "data_path", "calibrate", "target_accuracy", "target_catch",
-          "target_mix")
+LEVERS = (*TUNABLE, *trainer.lever_names(), "data_path", "calibrate", "target_accuracy", "max_review",
+          "target_catch", "target_mix")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -112,7 +112,7 @@ def test_check_figures_treat_every_count_as_a_record():
 
 def test_thresholds_meet_their_targets_on_the_data_they_were_chosen_on():
     probs, y = overconfident(600, 1.0, seed=3)
-    trust = calibration.fit(probs, y, CLASSES, target_accuracy=0.9, target_catch=0.9)
+    trust = calibration.fit(probs, y, CLASSES, target_accuracy=0.9, target_catch=0.9, max_review=1)
     p = trust.promise
     assert p["check_catch_off2"] >= 0.9 and p["kept_accuracy"] >= 0.9 and 0 < p["review_rate"] < 1
     assert trust.config().keys() == {"temperature", "review_confidence", "check_threshold", "promise"}
@@ -120,9 +120,29 @@ def test_thresholds_meet_their_targets_on_the_data_they_were_chosen_on():
     assert "right 9" in calibration.describe_review(trust)  # "right 9x% of the time"
     # a threshold other than the model's promises nothing
     assert "Measured" not in calibration.describe_check(trust, 0.5)
-    # a target no confidence reaches flags every count
-    trust = calibration.fit(np.full((100, 5), 0.2), np.arange(100) % 5, CLASSES, target_accuracy=0.8)
+    # a target no confidence reaches flags every count, when max_review lets it
+    trust = calibration.fit(np.full((100, 5), 0.2), np.arange(100) % 5, CLASSES, target_accuracy=0.8, max_review=1)
     assert trust.promise["review_rate"] == 1 and "every count is flagged" in calibration.describe_review(trust)
+
+
+def test_max_review_flags_a_minority_and_says_what_the_rest_are_worth():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 0.6, 1000)
+    right = rng.uniform(size=1000) < confidence  # no threshold keeps counts right 80 % of the time
+    choose = calibration.choose_review_confidence
+    assert choose(confidence, right, 0.8, max_share=1.0) > confidence.max()  # uncapped: every count flagged
+    t = choose(confidence, right, 0.8, max_share=0.3)
+    assert (confidence < t).mean() == 0.3  # the least confident 30 %
+    assert right[confidence >= t].mean() > right.mean()  # the rest are worth more than the average count
+    # a target reached with fewer flags keeps its own threshold under the cap
+    assert choose(confidence, right, 0.45, max_share=0.3) == choose(confidence, right, 0.45, max_share=1.0)
+    tied = np.repeat([0.3, 0.5], 50)  # a tie at the cut: flag fewer, never half of a tie
+    assert (tied < choose(tied, np.zeros(100, bool), 0.8, max_share=0.3)).mean() == 0
+    probs, y = overconfident(600, 0.3, seed=5)
+    trust = calibration.fit(probs, y, CLASSES, target_accuracy=0.99, max_review=0.25)
+    p = trust.promise
+    assert p["max_review"] == 0.25 and 0.2 < p["review_rate"] <= 0.25 and p["kept_accuracy"] < 0.99
+    assert "short of the 99% target: flagging more than 25% was not allowed" in calibration.describe_review(trust)
 
 
 def test_a_model_logged_before_calibration_loads_with_temperature_one(tiny_model, tmp_path):
