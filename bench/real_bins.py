@@ -6,8 +6,9 @@ test bin, with its `source`, the answer and the probabilities) and the model's c
 every figure evaluate logs (metrics.count_metrics, calibration.trust_metrics: the same functions) on each source
 and on all bins, with a bootstrap standard error of each (metrics.bootstrap_se). From the train run behind the
 model: the training bins, the epochs, the seconds per epoch (between the epochs' validation metrics; the first
-epoch from the run's start) and the whole run's minutes. Prints markdown tables (figures +- SE) and writes
-bench/results/real_bins.json.
+epoch from the run's start) and the whole run's minutes. Then each run against the first on the test bins both
+scored, per source: the difference in accuracy and RMSE with a paired bootstrap standard error (the same bins
+in each draw). Prints markdown tables (figures +- SE) and writes bench/results/real_bins.json.
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python bench/real_bins.py <evaluate run>=squash <evaluate run>=crop
 """
@@ -91,7 +92,26 @@ def measure(client: MlflowClient, run_id: str, label: str) -> dict:
     groups = {"all": ok, **{str(s): g for s, g in ok.groupby("source", sort=True)}}
     return {"label": label, "evaluate_run": run_id, "target_mix": run.data.params.get("target_mix_applied", ""),
             **train, "threshold": threshold,
-            "sources": {name: with_se(g, classes, threshold) for name, g in groups.items()}}
+            "sources": {name: with_se(g, classes, threshold) for name, g in groups.items()}, "rows": ok}
+
+
+def paired(first: pd.DataFrame, other: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Two runs' scored rows -> per source of the bins both scored (and `all`): the other's accuracy and RMSE
+    minus the first's, and the paired bootstrap standard error of each difference."""
+    both = first.merge(other, on="image_id", suffixes=("_a", "_b"))
+    groups = {"all": both}
+    if "source_a" in both and both["source_a"].nunique() > 1:
+        groups.update({str(s): g for s, g in both.groupby("source_a", sort=True)})
+    out = {}
+    for name, g in groups.items():
+        t, a, b = (g[c].to_numpy() for c in ("count_a", "predicted_a", "predicted_b"))
+
+        def diff(idx):
+            ma, mb = metrics.count_metrics(t[idx], a[idx]), metrics.count_metrics(t[idx], b[idx])
+            return {k: mb[k] - ma[k] for k in ("accuracy", "rmse")}
+        point, se = diff(np.arange(len(g))), metrics.bootstrap_se(diff, len(g), resamples=500)
+        out[name] = {"bins": len(g), **point, **{f"{k}_se": v for k, v in se.items()}}
+    return out
 
 
 def cell(r: dict, k: str) -> str:
@@ -118,6 +138,11 @@ def tables(results: list[dict]) -> str:
               "|---|" + "---|" * len(counts)]
     lines += [f"| {r['label']} | " + " | ".join(cell(r["sources"]["all"], f"accuracy_count_{c}") for c in counts)
               + " |" for r in results]
+    for r in results[1:]:
+        lines += ["", f"{r['label']} minus {results[0]['label']}, on the bins both scored (paired bootstrap SE):", "",
+                  "| source | bins | accuracy | RMSE |", "|---|---|---|---|"]
+        lines += [f"| {s} | {d['bins']} | {d['accuracy']:+.3f} ± {d['accuracy_se']:.3f} | "
+                  f"{d['rmse']:+.3f} ± {d['rmse_se']:.3f} |" for s, d in r["versus_first"].items()]
     return "\n".join(lines)
 
 
@@ -128,9 +153,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     client = MlflowClient()
     results = [measure(client, *(r.split("=", 1) if "=" in r else (r, r[:8]))) for r in args.runs]
+    for r in results[1:]:
+        r["versus_first"] = paired(results[0]["rows"], r["rows"])
     print(tables(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in results], indent=1))
     return results
 
 
