@@ -1,7 +1,6 @@
 """Counting metrics and the plots people would rather see than read."""
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import matplotlib
@@ -10,6 +9,8 @@ matplotlib.use("Agg")  # no screen here or on servers
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from bincounter.manifest import metric_key  # the one rule for a name in a metric name
 
 RESAMPLES = 500  # bootstrap resamples for a standard error (as bench/few_real.py's tables)
 PREFIX_CHARS = 100  # longest metric prefix kept from a source's name (MLflow's names end at 250 characters)
@@ -47,7 +48,7 @@ def metric_prefixes(names) -> dict[str, str]:
     out: dict[str, str] = {}
     taken: set[str] = set()
     for name in sorted({str(n) for n in names}):
-        base = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:PREFIX_CHARS] or "unknown"
+        base = metric_key(name)[:PREFIX_CHARS]
         prefix, k = base, 1
         while prefix in taken:
             k += 1
