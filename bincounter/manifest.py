@@ -18,6 +18,14 @@ import pandas as pd
 REQUIRED = ["image_id", "count", "path", "sha256", "width", "height", "source"]  # what every manifest has
 COLUMNS = [*REQUIRED, "count_from"]
 REJECT_COLUMNS = ["image_id", "reason", "detail"]
+SPLITS = ("train", "val", "test")  # a split run's parts, each logged as split_artifact(part)
+
+
+def split_artifact(split: str) -> str:
+    """A split run's artifact path of one part: `splits/<split>.csv`."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    return f"splits/{split}.csv"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:

@@ -12,6 +12,8 @@ from mlflow.tracking.context.default_context import _get_user
 from mlflow.utils import mlflow_tags
 from mlflow.utils.git_utils import get_git_commit
 
+from bincounter.manifest import read_manifest, split_artifact
+
 
 def str2bool(v: str | bool) -> bool:
     """'true'/'false' (any case, also 1/0, yes/no) -> bool; anything else is a clear argparse error."""
@@ -78,6 +80,11 @@ def download(run_id: str, artifact_path: str, dst: str | Path | None = None) -> 
                                                         dst_path=str(dst) if dst else None))
     except (mlflow.exceptions.MlflowException, OSError) as e:
         raise ValueError(f"run {run_id} has no artifact {artifact_path!r}: {e}") from None
+
+
+def read_split(run_id: str, split: str, dst: str | Path | None = None):
+    """One part (train, val, test) of a split run -> its manifest as a DataFrame."""
+    return read_manifest(download(run_id, split_artifact(split), dst))
 
 
 def download_uri(uri: str, dst: str | Path | None = None) -> Path:
