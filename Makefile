@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export GIT_PYTHON_REFRESH = quiet
 
-.PHONY: venv lock browser java test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
+.PHONY: venv generate lock browser java test test-slow test-all demo bench clean file-list tracking-server tracking-server-stop ui-screenshots
 
 # The venv installs exactly requirements.lock (then the project itself, without dependencies); it refuses to
 # start when pyproject.toml and the lock disagree, naming each difference and the command that refreshes it.
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+# MLproject and docs/parameters.md are generated from the step parsers (steps/<entry point>.py, steps/options.py):
+# run this after adding or changing a parameter; tests/test_project.py and tests/test_docs.py fail until you do.
+generate: venv      ## write MLproject and docs/parameters.md from the step parsers
+	$(BIN)/python scripts/gen_docs.py
 
 requirements.lock:
 	@echo "requirements.lock is missing: write it with 'make lock'" >&2; exit 1

@@ -25,8 +25,10 @@ from bincounter.manifest import stratified_split  # noqa: E402
 from bincounter.model import build_model, get_arch  # noqa: E402
 from bincounter.tensor_cache import DeviceAugment, TrainBatches, open_cache  # noqa: E402
 from bincounter.serving import BinCounter  # noqa: E402
-from bincounter.training import CountLoss, TrainConfig, make_optimizer, train_one_epoch, train_run  # noqa: E402
-from bincounter.trainer import log_trained_model  # noqa: E402
+from bincounter.levers import CountLoss, make_optimizer  # noqa: E402
+from bincounter.train_config import TrainConfig  # noqa: E402
+from bincounter.train_log import log_trained_model  # noqa: E402
+from bincounter.training import train_one_epoch, train_run  # noqa: E402
 
 
 def main():

@@ -1,7 +1,7 @@
 """What an ensemble buys against what it costs: its members and the ensemble scored on the same photos.
 
-For each model (the members, then the ensemble): images/s of the served inference path (BinCounter.probabilities:
-decode, resize, forward, calibrate) on `--images` photos, best of `--repeats`, against the first member in the
+For each model (the members, then the ensemble): images/s of the one prediction path (predict.predict: decode,
+resize, forward, calibrate, decide) on `--images` photos, best of `--repeats`, against the first member in the
 same run; and, when the evaluate runs of each are given (`--evaluations`, in the same order), their test figures.
 
     MLFLOW_TRACKING_URI=sqlite:///bench.db python bench/ensemble.py --ensemble runs:/<ensemble run>/model \
@@ -16,17 +16,18 @@ from pathlib import Path
 import mlflow
 
 from bincounter import serving
+from bincounter.predict import predict
 
 FIGURES = ("test_accuracy", "test_rmse", "test_ece", "test_check_auc_off2", "test_check_false_alarm")
 
 
-def rate(counter: serving.BinCounter, images: list[bytes], repeats: int) -> float:
-    """Images per second of counter.probabilities over `images`, best of `repeats` (after one warm-up)."""
-    counter.probabilities(images[:2])
+def rate(counter: serving.BaseCounter, images: list[bytes], repeats: int) -> float:
+    """Images per second of predict.predict over `images`, best of `repeats` (after one warm-up)."""
+    predict(counter, images[:2])
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        counter.probabilities(images)
+        predict(counter, images)
         best = min(best, time.perf_counter() - start)
     return len(images) / best
 

@@ -124,7 +124,7 @@ def timed(method: str, fn, images: int, requests: int, server_pid: int) -> dict:
             "client_cpu_ms_per_image": round(1000 * (time.process_time() - c0) / images, 2)}
 
 
-def scenario(latency_ms: float, objects: dict[str, bytes], labels: dict[str, int], workers: int,
+def scenario(latency_ms: float, objects: dict[str, bytes], labels: dict[str, int], downloads: int,
              tmp: Path) -> list[dict]:
     """Both methods (and the rerun, and a threaded download-only loop) against a fresh server -> table rows."""
     server, endpoint = start_server(latency_ms)
@@ -145,22 +145,22 @@ def scenario(latency_ms: float, objects: dict[str, bytes], labels: dict[str, int
         def threaded():  # what the server gives many concurrent downloads, with no other work per image
             out = tmp / f"threaded-{latency_ms}"
             out.mkdir()
-            with ThreadPoolExecutor(workers) as ex:
+            with ThreadPoolExecutor(downloads) as ex:
                 list(ex.map(lambda key: download(out, key), keys))
 
         cache = tmp / f"cache-{latency_ms}"
 
         def project():
-            _, rejects, stats = ingest(labels, S3Source(BUCKET, endpoint, workers), cache, 256, (1, 5), workers,
-                                       progress=False)
+            _, rejects, stats = ingest(labels, S3Source(BUCKET, endpoint, downloads), cache, 256, (1, 5),
+                                       downloads, progress=False)
             assert stats["ingested"] == len(labels), rejects.head()
 
         n = len(labels)
         # requests the server answers: one GET per image; ingest also asks for every image's metadata
         rows = [timed("sequential boto3 loop (get + write)", sequential, n, n, server.pid),
-                timed(f"project ingest, fresh cache ({workers} workers)", project, n, 2 * n, server.pid),
+                timed(f"project ingest, fresh cache ({downloads} at a time)", project, n, 2 * n, server.pid),
                 timed("project ingest, rerun (cache hits)", project, n, 0, server.pid),
-                timed(f"threaded boto3 loop (get + write, {workers} thr)", threaded, n, n, server.pid)]
+                timed(f"threaded boto3 loop (get + write, {downloads} thr)", threaded, n, n, server.pid)]
     finally:
         server.kill()
         server.wait()
@@ -180,7 +180,7 @@ def main(args) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for latency in args.latency_ms:
-            rows = scenario(latency, objects, labels, args.workers, Path(tmp))
+            rows = scenario(latency, objects, labels, args.downloads, Path(tmp))
             results += rows
             print(f"\nmoto S3 on 127.0.0.1, {latency:g} ms added per request")
             print(f"{'method':46} {'images':>6} {'seconds':>8} {'images/s':>9} {'x seq':>6} {'requests':>8} "
@@ -194,7 +194,7 @@ def main(args) -> None:
     out = ROOT / "bench" / "results" / "ingest.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"images": len(labels), "origin": origin, "with_metadata": n_meta, "cpus": os.cpu_count(),
-                               "workers": args.workers, "load_average_end": os.getloadavg()[0], "results": results},
+                               "downloads": args.downloads, "load_average_end": os.getloadavg()[0], "results": results},
                               indent=2) + "\n")
     print(f"\nwrote {out}")
 
@@ -202,7 +202,7 @@ def main(args) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=500)
-    p.add_argument("--workers", type=int, default=16, help="the ingest step's default")
+    p.add_argument("--downloads", type=int, default=16, help="concurrent downloads (the ingest step's default)")
     p.add_argument("--latency_ms", type=lambda v: [float(x) for x in v.split(",")], default=[0.0, 20.0],
                    help="comma-separated: one scenario per added server latency")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port

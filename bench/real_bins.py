@@ -3,7 +3,7 @@ errors, beside their train runs' time per epoch.
 
 For each evaluate run given (`<run id>` or `<run id>=<label>`) it reads the run's `predictions.csv` (one row per
 test bin, with its `source`, the answer and the probabilities) and the model's check threshold, and recomputes
-every figure evaluate logs (metrics.count_metrics, calibration.trust_metrics: the same functions) on each source
+every figure evaluate logs (figures.table_figures: the same function) on each source
 and on all bins, with a bootstrap standard error of each (metrics.bootstrap_se). From the train run behind the
 model: the training bins, the epochs, the seconds per epoch (between the epochs' validation metrics; the first
 epoch from the run's start) and the whole run's minutes. Then each run against the first on the test bins both
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bincounter import calibration, metrics  # noqa: E402
+from bincounter.figures import table_figures  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "real_bins.json"
 # the columns of the tables: (figure, heading)
@@ -61,13 +62,10 @@ def timing(client: MlflowClient, run_id: str) -> dict:
 
 
 def figures(rows: pd.DataFrame, classes: list[int], threshold: float) -> dict[str, float]:
-    """Scored rows (evaluate's predictions table, readable bins whose count is a class) -> every figure."""
-    out = metrics.count_metrics(rows["count"], rows["predicted"])
-    out.update(calibration.trust_metrics(*calibration.table_arrays(rows, classes), classes, threshold))
-    for c in classes:
-        of_c = rows["count"] == c
-        out[f"accuracy_count_{c}"] = float((rows.loc[of_c, "predicted"] == c).mean()) if of_c.any() else float("nan")
-    return out
+    """Scored rows (evaluate's predictions table, readable bins whose count is a class) -> every figure evaluate
+    logs (figures.table_figures), with every count's accuracy (NaN where a bootstrap draw holds none of it)."""
+    out = table_figures(rows, classes, threshold)
+    return out | {f"accuracy_count_{c}": out.get(f"accuracy_count_{c}", float("nan")) for c in classes}
 
 
 def with_se(rows: pd.DataFrame, classes: list[int], threshold: float) -> dict[str, float]:

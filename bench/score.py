@@ -1,5 +1,5 @@
 """Batch scoring throughput: the `score` step's library on Spark in local mode against `bincounter predict`'s
-path (serving.load + reconcile.predict_files), on the same photos and the same model, on this machine.
+path (serving.load + predict.predict_files), on the same photos and the same model, on this machine.
 
 The model: an untrained network of `--arch` at `--image_size` (weights none: the same arithmetic as a trained
 one), logged as the project's pyfunc in a store of its own. The photos: the first `--images` of
@@ -44,7 +44,7 @@ def log_model(arch: str, image_size: int, example: Path) -> str:
     import mlflow
 
     from bincounter.model import build_model
-    from bincounter.trainer import log_trained_model
+    from bincounter.train_log import log_trained_model
     from bincounter.training import TrainConfig
 
     cfg = TrainConfig(arch=arch, weights="none", image_size=image_size, classes=[1, 2, 3, 4, 5])
@@ -58,8 +58,8 @@ def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"  # nothing lands in the user's store
         os.chdir(tmp)
-        from bincounter import score
-        from bincounter.reconcile import find_images, local_predictor, predict_files
+        from bincounter import score, spark_job
+        from bincounter.predict import find_images, local_predictor, predict_files
         from bincounter.serving import load
 
         folder = Path(tmp) / "photos"
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         photos = score.list_photos(str(folder))
         model = score.check_model(model_uri)
-        spark = score.spark_session(args.master, args.batch_size)
+        spark = spark_job.spark_session(args.master, args.batch_size)
         once = time.perf_counter() - t0
 
         runs = {"predict": [], "score_job": []}

@@ -1,5 +1,5 @@
 """The served model under concurrent load: `mlflow models serve` answering good and bad requests from several
-clients at once, against the in-process BinCounter on the same good images one at a time.
+clients at once, against the in-process model (predict.predict) on the same good images one at a time.
 
 Requests are `dataframe_split` JSON with one base64 image each: real ABID photos (../shared/abid-sample) if they
 are there, else generated bins; about 10% are bad (not an image, truncated JPEG, wrong column, empty body, bad
@@ -30,12 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' tiny model and HTTP helpers, not copies
 
 from bincounter import serving  # noqa: E402
+from bincounter.predict import predict  # noqa: E402
 from bincounter.synthetic import draw_bin  # noqa: E402
 from helpers_model import build_tiny_model  # noqa: E402
 from conftest import free_port  # noqa: E402
@@ -182,20 +184,21 @@ def run_load(url: str, plan: list[dict], clients: int, expected: dict[int, int])
             "statuses_by_kind": by_kind, "failures": failures[:20]}
 
 
-def run_baseline(counter: serving.BinCounter, plan: list[dict], images: list[bytes]) -> tuple[dict, dict[int, int]]:
-    """The good requests' images through BinCounter.probabilities, one per call, in order -> (timing, counts)."""
-    counter.probabilities([images[0]])  # warm-up
+def run_baseline(counter: serving.BaseCounter, plan: list[dict], images: list[bytes]) -> tuple[dict, dict[int, int]]:
+    """The good requests' images through predict.predict (the served model's own path), one per call, in order
+    -> (timing, counts)."""
+    predict(counter, [images[0]])  # warm-up
     secs, counts = [], {}
     start = time.perf_counter()
     for req in plan:
         if req["kind"] != "good":
             continue
         t = time.perf_counter()
-        probs, errors = counter.probabilities([images[req["image"]]])
+        row = predict(counter, [images[req["image"]]]).iloc[0]
         secs.append(time.perf_counter() - t)
-        if errors[0]:
-            raise RuntimeError(f"the in-process model refused a good image: {errors[0]}")
-        counts[req["image"]] = counter.classes[int(probs[0].argmax())]
+        if not pd.isna(row["error"]):
+            raise RuntimeError(f"the in-process model refused a good image: {row['error']}")
+        counts[req["image"]] = int(row["count"])
     wall = time.perf_counter() - start
     return {"wall_s": round(wall, 2), "requests_per_s": round(len(secs) / wall, 1), "good": latency(secs)}, counts
 

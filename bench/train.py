@@ -15,7 +15,7 @@ against bare `model(x)` forwards of the same chunks as ready tensors. Prints a t
 batch (the compute, not the data path), in the same run, interleaved, best of the repeats: the train step's
 (channels_last, every block training; on a CPU also contiguous tensors, what it used there before),
 torch.compile (inductor; its compile time reported apart), and `trainable_blocks` at each value given
-(training.set_train_mode and make_optimizer, as a train run sets them), and with `--start_size` progressive
+(levers.set_train_mode and make_optimizer, as a train run sets them), and with `--start_size` progressive
 resizing: each epoch's size of train's schedule timed, and the schedule's rate over `--epochs` epochs (the
 images of an epoch each at its epoch's rate). Writes bench/results/train_levers.json.
 
@@ -42,8 +42,9 @@ from bincounter import synthetic, tensor_cache  # noqa: E402
 from bincounter.data import ManifestDataset, make_loader  # noqa: E402
 from bincounter.serving import MAX_BATCH, BinCounter  # noqa: E402
 from bincounter.model import build_model, get_arch  # noqa: E402
-from bincounter.training import (TrainConfig, epoch_size, make_optimizer, set_train_mode, setup_device,  # noqa: E402
-                                 train_one_epoch)
+from bincounter.levers import epoch_size, make_optimizer, set_train_mode  # noqa: E402
+from bincounter.train_config import TrainConfig  # noqa: E402
+from bincounter.training import setup_device, train_one_epoch  # noqa: E402
 from bincounter.transforms import TrainPreset  # noqa: E402
 
 
@@ -106,7 +107,7 @@ def levers(args, device) -> dict:
     for blocks in args.levers:
         if blocks:
             runs[f"trainable_blocks={blocks}"] = variant(blocks)
-    # progressive resizing: every epoch's size of the schedule (training.epoch_size), timed at that size
+    # progressive resizing: every epoch's size of the schedule (levers.epoch_size), timed at that size
     schedule = TrainConfig(image_size=args.image_size, epochs=args.epochs, start_size=args.start_size)
     sizes = [epoch_size(schedule, e) for e in range(1, args.epochs + 1)] if args.start_size else []
     for size in sorted(set(sizes) - {args.image_size}):

@@ -17,7 +17,7 @@ METADATA_PREFIX = "metadata/"
 # `../shared/abid-labels/expected_quantity.csv` (every row counted once, counts 0 and 6+ left out), as
 # `collections.Counter(read_label_index(path).values())`; tests/test_priors.py recounts the file when it is there.
 # NATURAL_MIX is these counts over their sum (351,066): about 11.7 / 21.9 / 25.7 / 22.9 / 17.8 %. It is the
-# `natural` target mix of the prior correction (calibration.resolve_mix).
+# `natural` target mix of the prior correction (priors.resolve_mix).
 NATURAL_COUNTS = {1: 41_147, 2: 76_863, 3: 90_058, 4: 80_550, 5: 62_448}
 NATURAL_MIX = {c: n / sum(NATURAL_COUNTS.values()) for c, n in NATURAL_COUNTS.items()}
 

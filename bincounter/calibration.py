@@ -15,14 +15,10 @@ Two thresholds are chosen on validation and travel in the model's config:
 The inventory check seen as a detector: every bin and every count c is a record "this bin holds c", right when c
 is the true count and wrong otherwise; p(c) is its score.
 
-Prior correction: a model learns the mix of counts it was trained on (`train_mix`), which need not be the mix of
-the bins it counts (a skewed source, a warehouse of its own). With a `target_mix`, the calibrated probabilities
-are divided by the training mix, multiplied by the target mix and renormalised (`prior_weights`, `apply_prior`):
-p(c) ∝ p_calibrated(c) · target(c) / train(c). `train` is no correction.
+Prior correction (moving answers to another mix of counts, after the temperature) is bincounter.priors.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,9 +26,8 @@ from dataclasses import asdict, dataclass, field
 import mlflow
 import numpy as np
 
-from bincounter import abid
 from bincounter.model import decide
-from bincounter.runs import fraction, str2bool
+from bincounter.priors import TRAIN_MIX, parse_mix
 
 MIN_IMAGES = 30  # fewer validation images than this: no temperature is fitted (one scalar, but a noisy one)
 MIN_KEPT = 10  # the review threshold keeps at least this many validation counts (the top few are pure noise)
@@ -42,10 +37,6 @@ MAX_REVIEW = 0.3  # ... flagging at most this share of them (train's max_review;
 TARGET_CATCH = 0.9  # the check flags this share of the records off by FAR_OFF or more (train's target_catch)
 DEFAULT_CHECK_THRESHOLD = 0.2  # what reconcile used before thresholds were fitted (models logged before)
 FAR_OFF = 2  # records off by at least this many items: the ones the check must catch
-TRAIN_MIX = "train"  # target_mix: no prior correction (what models logged before train_mix get)
-NATURAL = "natural"  # target_mix: ABID's natural mix of counts 1-5 (abid.NATURAL_MIX)
-MIX_TOLERANCE = 1e-3  # explicit target shares must sum to one within this
-MIX_EXAMPLE = "1:0.12,2:0.22,3:0.26,4:0.23,5:0.17"
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -58,123 +49,6 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     e = np.exp(logp)
     return e / e.sum(1, keepdims=True)
 
-
-def parse_mix(spec: str) -> str | dict[int, float]:
-    """A target_mix as given -> `train`, `natural` or {count: share}. What can be checked without a model: the
-    form `count:share,...`, each count once, shares positive and finite, summing to one (MIX_TOLERANCE).
-    Raises ValueError naming target_mix, what is wrong and the valid forms."""
-    text = str(spec).strip()
-    if text in (TRAIN_MIX, NATURAL):
-        return text
-    valid = f"expected {TRAIN_MIX}, {NATURAL} or shares of every count like {MIX_EXAMPLE}"
-    mix: dict[int, float] = {}
-    for part in text.split(","):
-        count, _, share = part.partition(":")
-        try:
-            c, v = int(count), float(share)
-        except ValueError:
-            raise ValueError(f"target_mix: {valid}; got {spec!r} ({part.strip()!r} is not count:share)") from None
-        if c in mix:
-            raise ValueError(f"target_mix: count {c} is given twice in {spec!r}")
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"target_mix: the share of count {c} is {share.strip()}; shares must be positive "
-                             f"(a share of 0 would rule the count out whatever the photo shows: give a small one)")
-        mix[c] = v
-    total = sum(mix.values())
-    if abs(total - 1) > MIX_TOLERANCE:
-        raise ValueError(f"target_mix: the shares in {spec!r} sum to {total:.4g}, not 1 (tolerance {MIX_TOLERANCE})")
-    return mix
-
-
-def mix_option(spec: str) -> str:
-    """argparse type of the target_mix options: the text, checked by parse_mix (empty passes: the model's own)."""
-    if str(spec).strip() == "":
-        return ""
-    try:
-        parse_mix(spec)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("target_mix: ")) from None
-    return str(spec).strip()
-
-
-def resolve_mix(spec: str, classes: list[int]) -> np.ndarray | None:
-    """A target_mix and the model's counts -> the target shares in the classes' order, or None for `train` (no
-    correction). `natural`: abid.NATURAL_MIX over the model's counts, renormalised; refused when the model knows
-    counts outside 1-5 (give shares then). Explicit shares must name every count the model knows and no other."""
-    mix = parse_mix(spec)
-    known = ", ".join(map(str, classes))
-    if mix == TRAIN_MIX:
-        return None
-    if mix == NATURAL:
-        outside = [c for c in classes if c not in abid.NATURAL_MIX]
-        if outside:
-            raise ValueError(f"target_mix: {NATURAL} is ABID's mix of counts {min(abid.NATURAL_MIX)}-"
-                             f"{max(abid.NATURAL_MIX)}, but the model also counts {', '.join(map(str, outside))}; "
-                             f"give shares of its counts ({known}) like {MIX_EXAMPLE}, or {TRAIN_MIX}")
-        shares = np.array([abid.NATURAL_MIX[c] for c in classes])
-        return shares / shares.sum()
-    unknown = sorted(set(mix) - set(classes))
-    if unknown:
-        raise ValueError(f"target_mix: the model does not count {', '.join(map(str, unknown))}; "
-                         f"its counts are {known}")
-    missing = [c for c in classes if c not in mix]
-    if missing:
-        raise ValueError(f"target_mix: no share for count {', '.join(map(str, missing))}; give a share for every "
-                         f"count the model knows ({known})")
-    return np.array([mix[c] for c in classes], dtype=np.float64)
-
-
-def train_mix(counts, classes: list[int], balanced: bool = False) -> list[float]:
-    """The mix of counts a model learned from, in the classes' order: the shares of the training bins' counts, or
-    equal shares of the counts present when training drew every count equally often (`balanced`)."""
-    counts = np.asarray(counts)
-    n = np.array([np.sum(counts == c) for c in classes], dtype=np.float64)
-    if balanced:
-        n = (n > 0).astype(np.float64)
-    if n.sum() == 0:
-        raise ValueError(f"train_mix: no training bin has one of the counts {classes}")
-    return [float(x) for x in n / n.sum()]
-
-
-def prior_weights(train: list[float] | None, spec: str, classes: list[int]) -> np.ndarray | None:
-    """target(c) / train(c) per class for `apply_prior`, or None: no correction (target_mix `train`). Refuses a
-    target other than `train` for a model without its training mix (logged before train_mix existed) or one
-    that saw no training bin of some count (its probabilities hold nothing to re-weight there)."""
-    target = resolve_mix(spec, classes)
-    if target is None:
-        return None
-    if train is None:
-        raise ValueError(f"target_mix: this model was logged without its training mix (train_mix), so its "
-                         f"probabilities cannot be moved to another mix; use target_mix={TRAIN_MIX}")
-    train = np.asarray(train, dtype=np.float64)
-    if train.shape != target.shape:
-        raise ValueError(f"train_mix: {len(train)} shares for the model's {len(classes)} counts")
-    if (train <= 0).any():
-        unseen = [c for c, t in zip(classes, train) if t <= 0]
-        raise ValueError(f"target_mix: the model saw no training bin of count {', '.join(map(str, unseen))}, so "
-                         f"its probabilities cannot be moved to another mix; use target_mix={TRAIN_MIX}")
-    return target / train
-
-
-def apply_prior(probs: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-    """Probabilities [N, C] -> p · weights, renormalised per row (rows of NaN stay NaN); None: unchanged."""
-    if weights is None:
-        return probs
-    p = np.asarray(probs, dtype=np.float64) * np.asarray(weights, dtype=np.float64)[None, :]
-    return p / p.sum(1, keepdims=True)
-
-
-def format_mix(classes: list[int], shares) -> str:
-    """Counts and their shares -> `1:0.117,2:0.219,...` (the form target_mix takes)."""
-    return ",".join(f"{c}:{s:.3g}" for c, s in zip(classes, shares))
-
-
-def describe_mix(spec: str, classes: list[int]) -> str:
-    """A target_mix for the logs: `train`, `natural (1:0.117,2:0.219,...)` (the shares as applied), or the shares."""
-    target = resolve_mix(spec, classes)
-    if target is None:
-        return TRAIN_MIX
-    return f"{spec} ({format_mix(classes, target)})" if spec == NATURAL else spec
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:
@@ -402,30 +276,26 @@ def fit(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str = "a
     return Trust(temperature=t, review_confidence=review, check_threshold=check, promise=promise, note=note)
 
 
-def add_options(p: argparse.ArgumentParser) -> None:
-    """The options of whatever fits a Trust (train, the ensemble step)."""
-    g = p.add_argument_group("how far to trust the model (fitted on the validation split)")
-    g.add_argument("--calibrate", type=str2bool, default=True,
-                   help="fit a temperature on the validation split so that probabilities mean what they say "
-                        "(too few validation bins: temperature 1, tagged)")
-    g.add_argument("--target_accuracy", type=fraction, default=TARGET_ACCURACY,
-                   help="review flag: chosen on validation so that the counts not flagged are right this often ...")
-    g.add_argument("--max_review", type=fraction, default=MAX_REVIEW,
-                   help="... flagging at most this share of the counts (where the target needs more, the least "
-                        "confident this share are flagged and the promise says what the rest are worth); 1: no cap")
-    g.add_argument("--target_catch", type=fraction, default=TARGET_CATCH,
-                   help="inventory check threshold: chosen on validation to flag this share of the records off by two "
-                        "or more")
+@dataclass(frozen=True)
+class TrustTargets:
+    """What the fitted thresholds aim at (the train and ensemble steps' options): fit a temperature or not, the
+    accuracy of the counts not flagged for review, the most that may be flagged, and the share of far-off records
+    the inventory check must catch."""
+    calibrate: bool = True
+    target_accuracy: float = TARGET_ACCURACY
+    max_review: float = MAX_REVIEW
+    target_catch: float = TARGET_CATCH
 
 
-def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str, args: argparse.Namespace) -> Trust:
-    """`fit` with the step's options (add_options), logged into the active run: metric `temperature`, `val_ece`
-    and `val_nll` before (`_raw`) and after calibration, the thresholds and what they promise (`trust_*`), a tag
+def fit_and_log(probs: np.ndarray, y: np.ndarray, classes: list[int], decision: str,
+                targets: TrustTargets = TrustTargets()) -> Trust:
+    """`fit` aiming at `targets`, logged into the active run: metric `temperature`, `val_ece` and `val_nll`
+    before (`_raw`) and after calibration, the thresholds and what they promise (`trust_*`), a tag
     `bincounter.calibration` when defaults were kept, and the validation reliability diagram. -> the Trust."""
     from bincounter import metrics  # here, not at the top: it sets matplotlib's backend, which serving's users keep
 
-    trust = fit(probs, y, classes, decision, args.calibrate, args.target_accuracy, args.target_catch,
-                args.max_review)
+    trust = fit(probs, y, classes, decision, targets.calibrate, targets.target_accuracy, targets.target_catch,
+                targets.max_review)
     cal = apply_temperature(probs, trust.temperature)
     mlflow.log_metrics({"temperature": trust.temperature, "review_confidence": trust.review_confidence,
                         "check_threshold": trust.check_threshold,

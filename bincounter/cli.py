@@ -24,12 +24,12 @@ from pathlib import Path
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from bincounter import calibration
+from bincounter import calibration, priors
 from bincounter import reconcile as rec
-from bincounter import registry
+from bincounter import registry, report
 from bincounter.deploy import DeployError, endpoint_predictor
-from bincounter.reconcile import find_images, local_predictor, predict_files
-from bincounter.serving import load
+from bincounter.predict import find_images, local_predictor, predict_files
+from bincounter.serving import BaseCounter, Settings, load
 
 DEFAULT_MODEL = "models:/bin-counter@champion"
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -70,18 +70,29 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def add_target_mix(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target_mix", type=calibration.mix_option, default="",
+    p.add_argument("--target_mix", type=mix, default="",
                    help="the mix of counts to answer for (default: the model's own): train (as trained), natural "
                         "(ABID's mix of counts 1-5) or shares of every count like 1:0.12,2:0.22,3:0.26,4:0.23,5:0.17; "
                         "a local --model only")
 
 
-def load_counter(args: argparse.Namespace):
-    """The --model, its target mix overridden by --target_mix when given (checked against the model's counts)."""
+def load_counter(args: argparse.Namespace) -> tuple[BaseCounter, Settings]:
+    """The --model and how it answers: its own settings, the target mix --target_mix when given (checked against
+    the model's counts)."""
     counter = load(args.model)
-    if args.target_mix:
-        counter.target_mix = args.target_mix
-    return counter
+    return counter, counter.settings(Settings(target_mix=args.target_mix or None))
+
+
+def mix(spec: str) -> str:
+    """A --target_mix (train, natural or count:share,...) -> its text, checked by priors.parse_mix when the
+    arguments are parsed, before any model loads; empty: the model's own."""
+    if str(spec).strip() == "":
+        return ""
+    try:
+        priors.parse_mix(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("target_mix: ")) from None
+    return str(spec).strip()
 
 
 def probability(v: str) -> float:
@@ -142,8 +153,11 @@ def predict(args: argparse.Namespace) -> None:
     paths = find_images(args.images)
     if not paths:
         raise ValueError(f"no images in {' '.join(args.images)}")
-    counter = None if args.endpoint else load_counter(args)
-    predictor = endpoint_predictor(args.endpoint, args.region) if args.endpoint else local_predictor(counter)
+    if args.endpoint:
+        counter, settings, predictor = None, None, endpoint_predictor(args.endpoint, args.region)
+    else:
+        counter, settings = load_counter(args)
+        predictor = local_predictor(counter, settings)
     table = predict_files(paths, predictor)
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 80, "display.width", 200):
         print(table[["image", "count", "confidence", *(["review"] if "review" in table else []), "error"]]
@@ -152,7 +166,7 @@ def predict(args: argparse.Namespace) -> None:
     review = f", {int(table['review'].fillna(False).sum())} flagged for review" if "review" in table else ""
     print(f"{len(table) - bad} counted, {bad} unreadable{review}")
     if counter is not None:
-        print(calibration.describe_review(counter.trust, counter.target_mix))
+        print(calibration.describe_review(counter.trust, settings.target_mix))
     if args.output:
         _write(table, args.output)
     if bad == len(table):
@@ -166,10 +180,11 @@ def reconcile(args: argparse.Namespace) -> None:
     if not Path(args.images).is_dir():
         raise ValueError(f"--images {args.images} is not a folder")
     expected, bad_metadata = rec.read_expected(args.expected)
-    counter = load_counter(args)
+    counter, settings = load_counter(args)
     threshold = counter.trust.check_threshold if args.threshold is None else args.threshold
-    promise = calibration.describe_check(counter.trust, threshold, counter.target_mix)
-    df = rec.reconcile(find_images([args.images]), expected, bad_metadata, local_predictor(counter), threshold)
+    promise = calibration.describe_check(counter.trust, threshold, settings.target_mix)
+    df = rec.reconcile(find_images([args.images]), expected, bad_metadata, local_predictor(counter, settings),
+                       threshold)
     stats = rec.summary(df, threshold)
     flagged = df[df["flagged"]].sort_values("p_expected")
     with pd.option_context("display.max_rows", None, "display.width", 200):
@@ -181,7 +196,7 @@ def reconcile(args: argparse.Namespace) -> None:
         print(line, file=sys.stderr)
     print(promise)
     # the finished table first, then what derives from it; one failed write never stops the others
-    failed, report, table_written = [], None, False
+    failed, report_path, table_written = [], None, False
     if args.output:
         try:
             _write(df, args.output)
@@ -190,16 +205,16 @@ def reconcile(args: argparse.Namespace) -> None:
             failed.append(f"--output {args.output}: {e.strerror or e}")
     if args.report:
         try:
-            Path(args.report).write_text(rec.html_report(df, stats, args.model, promise))
-            report = Path(args.report)
-            print(f"wrote {report}")
+            Path(args.report).write_text(report.html_report(df, stats, args.model, promise))
+            report_path = Path(args.report)
+            print(f"wrote {report_path}")
         except (OSError, ValueError) as e:  # ValueError: an image unreadable since it was counted
             failed.append(f"--report {args.report}: {getattr(e, 'strerror', None) or e}")
     if args.log_mlflow:
         try:
-            run_id = rec.log_run(df, stats, report, {"model": args.model, "images": args.images,
-                                                     "expected": args.expected, "threshold": threshold,
-                                                     "target_mix": counter.target_mix})
+            run_id = report.log_run(df, stats, report_path, {"model": args.model, "images": args.images,
+                                                             "expected": args.expected, "threshold": threshold,
+                                                             "target_mix": settings.target_mix})
             print(f"logged run {run_id}")
         except (OSError, MlflowException) as e:
             failed.append(f"--log-mlflow: {e.message if isinstance(e, MlflowException) else e}")

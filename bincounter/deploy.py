@@ -178,7 +178,7 @@ def invoke(endpoint: str, region: str, images: list[bytes]) -> pd.DataFrame:
 
 
 def endpoint_predictor(endpoint: str, region: str):
-    """A predictor (see bincounter.reconcile.predict_files) that calls the endpoint. Images are checked here
+    """A predictor (see bincounter.predict.predict_files) that calls the endpoint. Images are checked here
     first, with the served model's own decoder, so that one bad image is reported and does not fail the
     whole request."""
     def predict(images: list[bytes], names: list[str]) -> tuple[pd.DataFrame, list[str | None]]:

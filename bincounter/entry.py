@@ -7,11 +7,10 @@ error shows its traceback.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -34,11 +33,12 @@ def _step_of(run_id: str) -> str | None:
         return None
 
 
-def one_line(e: BaseException, args: argparse.Namespace | None) -> str:
-    """The error as one line that names the parameter it is about (when the message does not already) and what
-    kind of run a run id given in it is (`run_id 0a1b...: ... (run 0a1b... is a 'split' run)`)."""
+def one_line(e: BaseException, params: Mapping | None) -> str:
+    """The error and the step's parameters (e.g. `vars(args)`) -> the error as one line that names the parameter
+    it is about (when the message does not already) and what kind of run a run id given in it is (`run_id
+    0a1b...: ... (run 0a1b... is a 'split' run)`)."""
     msg = " ".join((e.message if isinstance(e, MlflowException) else str(e)).split())
-    params = vars(args) if args is not None else {}
+    params = params or {}
     named = any(re.search(rf"\b{re.escape(name)}\b", msg) for name in params)
     for name, value in params.items():
         if not isinstance(value, str) or len(value) < 3:  # a short value turns up in messages by chance
@@ -55,10 +55,10 @@ def one_line(e: BaseException, args: argparse.Namespace | None) -> str:
     return msg
 
 
-def run(main: Callable, parser: argparse.ArgumentParser | None = None, argv: list[str] | None = None):
-    """Parse the arguments (argparse's own errors: one line, exit 2), call `main(args)` (or `main()` without a
-    parser) and turn a user error into one line on stderr, the open run FAILED and exit status 1. -> main's
-    result."""
+def run(main: Callable, parser=None, argv: list[str] | None = None):
+    """Parse the arguments with the step's argparse parser (its own errors: one line, exit 2), call `main(args)`
+    (or `main()` without a parser) and turn a user error into one line on stderr, the open run FAILED and exit
+    status 1. -> main's result."""
     if parser is not None:
         parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists the options)\n")
     args = parser.parse_args(argv) if parser is not None else None
@@ -70,5 +70,5 @@ def run(main: Callable, parser: argparse.ArgumentParser | None = None, argv: lis
         if mlflow.active_run():  # a run opened here (under `mlflow run`, the run it created and we joined)
             mlflow.end_run("FAILED")
         prog = parser.prog if parser is not None else getattr(main, "__module__", "step").rsplit(".", 1)[-1]
-        print(f"{prog}: error: {one_line(e, args)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e, vars(args) if args is not None else None)}", file=sys.stderr)
         sys.exit(1)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from bincounter import abid
 from bincounter.manifest import COLUMNS, REJECT_COLUMNS, REQUIRED, atomic_write_bytes, metric_key
-from bincounter.sources import MissingObject, SourceError
+from bincounter.sources import MissingObject, Source, SourceError
 from bincounter.transforms import REASONS as IMAGE_REASONS
 from bincounter.transforms import ImageError, decode_image
 
@@ -50,15 +50,15 @@ def sha256(data: bytes) -> str:
 
 
 class Cache:
-    """Paths and records of the cache at `root` for images of short side `image_size` from the source `tag`."""
+    """Paths and records of the cache at `root` for images of short side `size` from the source `tag`."""
 
-    def __init__(self, root: str | Path, image_size: int, tag: str):
+    def __init__(self, root: str | Path, size: int, tag: str):
         self.root = Path(root).resolve()
-        self.image_size = image_size
-        self.records = self.root / "records" / f"{tag}-{image_size}"
+        self.size = size
+        self.records = self.root / "records" / f"{tag}-{size}"
 
     def image_path(self, sha: str) -> Path:
-        return self.root / "images" / sha[:2] / f"{sha}-{self.image_size}.jpg"
+        return self.root / "images" / sha[:2] / f"{sha}-{self.size}.jpg"
 
     def record_path(self, image_id: str) -> Path:
         return self.records / f"{image_id}.json"
@@ -108,14 +108,14 @@ class Cache:
         return row
 
 
-def resized_jpeg(img: Image.Image, data: bytes, image_size: int) -> bytes:
-    """The cache's copy: short side `image_size`, RGB JPEG quality 90. An RGB JPEG already that size is kept
+def resized_jpeg(img: Image.Image, data: bytes, cache_size: int) -> bytes:
+    """The cache's copy: short side `cache_size`, RGB JPEG quality 90. An RGB JPEG already that size is kept
     as it is (no second compression; synthetic images are drawn at the cache size)."""
     w, h = img.size
-    if img.format == "JPEG" and img.mode == "RGB" and min(w, h) == image_size:
+    if img.format == "JPEG" and img.mode == "RGB" and min(w, h) == cache_size:
         return data
-    scale = image_size / min(w, h)
-    size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+    scale = cache_size / min(w, h)
+    size = (max(cache_size, round(w * scale)), max(cache_size, round(h * scale)))
     # bilinear (antialiased when shrinking) like torchvision's Resize; reducing_gap shrinks big images fast
     small = img.convert("RGB").resize(size, Image.BILINEAR, reducing_gap=3.0)
     buf = io.BytesIO()
@@ -149,7 +149,7 @@ def label_conflicts(manifest: pd.DataFrame, items: dict[str, int | None]) -> pd.
 class _Worker:
     """Ingests one image at a time (called from many threads; keeps no per-image state)."""
 
-    def __init__(self, source, cache: Cache, count_range: tuple[int, int], metadata_wins: bool = False):
+    def __init__(self, source: Source, cache: Cache, count_range: tuple[int, int], metadata_wins: bool = False):
         self.source = source
         self.cache = cache
         self.count_range = count_range
@@ -198,7 +198,7 @@ class _Worker:
             raise Reject(e.reason, str(e)) from None
         row = {"image_id": image_id, "count": count, "sha256": sha256(data), "width": img.width,
                "height": img.height, **origin}
-        return self.cache.store(row, resized_jpeg(img, data, self.cache.image_size), metadata_count)
+        return self.cache.store(row, resized_jpeg(img, data, self.cache.size), metadata_count)
 
     def _metadata(self, image_id: str) -> bytes | None:
         try:
@@ -222,9 +222,11 @@ class _Worker:
             raise Reject("fetch_error", str(e)) from None
 
 
-def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_size: int, count_range: tuple[int, int],
-           workers: int, progress: bool = True, metadata_wins: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """{image_id: count from the file list, or None} and a source -> (manifest, rejects, stats).
+def ingest(items: dict[str, int | None], source: Source, cache_dir: str | Path, cache_size: int,
+           count_range: tuple[int, int], downloads: int, progress: bool = True,
+           metadata_wins: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """{image_id: count from the file list, or None} and a source -> (manifest, rejects, stats): the images
+    cached at short side `cache_size`, `downloads` of them fetched at a time.
 
     Both tables are sorted by image_id. stats: ingested, rejected, rejected_<reason> for every reason,
     count_<c> for every count in the range; where each listed image came from, adding up to the number listed:
@@ -233,12 +235,12 @@ def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_si
     metadata_downloaded (metadata objects read), temp_files_removed (left by a killed run) and label_conflicts
     (bins given their metadata's count over a different listed one: `metadata_wins`, see resolve_count)."""
     started = time.time()
-    cache = Cache(cache_dir, image_size, source.tag)
+    cache = Cache(cache_dir, cache_size, source.tag)
     work = _Worker(source, cache, count_range, metadata_wins)
     rows, rejects = [], []
     stats = {"cache_hits": 0, "downloaded": 0, "not_downloaded": 0, "metadata_downloaded": 0,
              "temp_files_removed": cache.remove_temporary(started)}
-    with ThreadPoolExecutor(workers) as ex, tqdm(total=len(items), desc=f"ingest {source.tag}", unit="img",
+    with ThreadPoolExecutor(downloads) as ex, tqdm(total=len(items), desc=f"ingest {source.tag}", unit="img",
                                                  disable=not progress) as bar:
         futures = {ex.submit(work, image_id, listed): image_id for image_id, listed in items.items()}
         for f in as_completed(futures):
@@ -259,8 +261,8 @@ def ingest(items: dict[str, int | None], source, cache_dir: str | Path, image_si
     return manifest, rejected, stats
 
 
-def ingest_many(parts: list[tuple[object, dict[str, int | None]]], cache_dir: str | Path, image_size: int,
-                count_range: tuple[int, int], workers: int, duplicates: dict[str, list] | None = None,
+def ingest_many(parts: list[tuple[Source, dict[str, int | None]]], cache_dir: str | Path, cache_size: int,
+                count_range: tuple[int, int], downloads: int, duplicates: dict[str, list] | None = None,
                 progress: bool = True, metadata_wins: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """[(source, its items), ...] -> one (manifest, rejects, stats): ingest() of each source in turn, the tables
     concatenated and sorted by image_id, the stats summed, and per named source (a LocalSource's `name`, as
@@ -270,12 +272,12 @@ def ingest_many(parts: list[tuple[object, dict[str, int | None]]], cache_dir: st
     the number of bins listed)."""
     manifests, rejects, stats = [], [], {}
     for source, items in parts:
-        m, r, s = ingest(items, source, cache_dir, image_size, count_range, workers, progress, metadata_wins)
+        m, r, s = ingest(items, source, cache_dir, cache_size, count_range, downloads, progress, metadata_wins)
         manifests.append(m)
         rejects.append(r)
         for k, v in s.items():
             stats[k] = stats.get(k, 0) + v
-        if getattr(source, "name", None):
+        if source.name:
             key = metric_key(source.name)
             stats[f"ingested_{key}"] = stats.get(f"ingested_{key}", 0) + len(m)
             stats[f"rejected_{key}"] = stats.get(f"rejected_{key}", 0) + len(r)

@@ -8,78 +8,24 @@ a quantity the model has no class for is `outside_model_range` (not judged, not 
 rate); photos without an expected quantity, expectations without a photo, unreadable photos and bad metadata
 are reported per bin, never fatal.
 
-The library for other front ends (the CLI here, batch scoring): `read_expected` (optionally for given ids),
-`check` (a predictions table -> the per-bin table), `summary`, `problems` (console lines). Also here:
-`predict_files`, files -> predictions table, used by `bincounter predict` too.
+The library for other front ends (the CLI, batch scoring): `read_expected` (optionally for given ids), `check`
+(a predictions table -> the per-bin table), `reconcile` (photos -> the per-bin table, through
+predict.predict_bins), `summary`, `problems` (console lines). The HTML report and the MLflow run of a check are
+bincounter.report's.
 """
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
-from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from bincounter import abid
-from bincounter.serving import BinCounter
-from bincounter.transforms import decode_image
+from bincounter.predict import Predictor, predict_bins
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-CHUNK = 256  # files read per model call: bounds memory for large folders
-THUMB = 160  # px, longest side of a report thumbnail
 STATUSES = ("checked", "outside_model_range", "no_expected_quantity", "no_image", "unreadable", "bad_metadata")
 COLUMNS = ["image_id", "path", "expected_quantity", "predicted", "confidence", "p_expected", "flagged", "status",
            "error"]
-
-# A predictor: (image bytes, names) -> (table with count/confidence/p_<c> per image, error or None per image)
-Predictor = Callable[[list[bytes], list[str]], tuple[pd.DataFrame, list]]
-
-
-def local_predictor(counter: BinCounter) -> Predictor:
-    def predict(images: list[bytes], names: list[str]):
-        probs, errors = counter.probabilities(images, names)
-        return counter.table(probs), errors
-    return predict
-
-
-def find_images(paths: list[str | Path]) -> list[Path]:
-    """Files as given (whatever their name) and the images (.jpg/.jpeg/.png) under folders, sorted."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)  # a missing file becomes an error row, not a crash
-    return out
-
-
-def predict_files(paths: list[Path], predict: Predictor) -> pd.DataFrame:
-    """Image files -> one row each: image, count, confidence, p_<c>..., error (count empty where error)."""
-    tables = []
-    for start in range(0, len(paths), CHUNK):
-        part = paths[start:start + CHUNK]
-        data, read_errors = [], []
-        for p in part:
-            try:
-                data.append(p.read_bytes())
-                read_errors.append(None)
-            except OSError as e:
-                data.append(b"")
-                read_errors.append(f"{p}: cannot read ({e.strerror or e})")
-        table, errors = predict(data, [str(p) for p in part])
-        table = table.reset_index(drop=True).drop(columns="error", errors="ignore")  # `errors` says it
-        table = table.reindex(columns=["count", "confidence", *[c for c in table.columns if c not in ("count", "confidence")]])
-        table.insert(0, "image", [str(p) for p in part])
-        table["error"] = [r or e for r, e in zip(read_errors, errors)]
-        table["count"] = table["count"].astype("Float64").astype("Int64").mask(table["error"].notna())
-        tables.append(table)
-    if not tables:
-        return pd.DataFrame(columns=["image", "count", "confidence", "error"])
-    return pd.concat(tables, ignore_index=True)
 
 
 def read_expected(path: str | Path, image_ids=None) -> tuple[dict[str, int], dict[str, str]]:
@@ -141,23 +87,13 @@ def _read_csv(path: Path, wanted: set | None) -> tuple[dict[str, int], dict[str,
     return expected, problems
 
 
-def reconcile(images: list[Path], expected: dict[str, int], bad_metadata: dict[str, str], predict: Predictor,
+def reconcile(images: list[Path], expected: dict[str, int], bad_metadata: dict[str, str], predictor: Predictor,
               threshold: float) -> pd.DataFrame:
     """Photos, expectations and a model -> the per-bin table (see `check`). Only photos with an expected quantity
     go to the model."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    by_id: dict[str, Path] = {}
-    for p in images:
-        if p.stem in by_id:
-            raise ValueError(f"two photos of bin {p.stem}: {by_id[p.stem]} and {p}")
-        by_id[p.stem] = p
-    both = [i for i in sorted(by_id) if i in expected]
-    preds = predict_files([by_id[i] for i in both], predict).rename(columns={"image": "path"})
-    preds.insert(0, "image_id", both)
-    others = pd.DataFrame({"image_id": [i for i in sorted(by_id) if i not in expected]})
-    others["path"] = [str(by_id[i]) for i in others["image_id"]]
-    return check(pd.concat([preds, others], ignore_index=True), expected, bad_metadata, threshold)
+    return check(predict_bins(images, expected, predictor), expected, bad_metadata, threshold)
 
 
 def check(preds: pd.DataFrame, expected: dict[str, int], bad_metadata: dict[str, str], threshold: float) -> pd.DataFrame:
@@ -231,77 +167,3 @@ def problems(df: pd.DataFrame, limit: int = 5) -> list[str]:
         if len(part) > limit:
             lines.append(f"{status}: and {len(part) - limit} more (all in the --output table)")
     return lines
-
-
-def _thumbnail(path: str) -> str:
-    """An image file -> a small inline JPEG (data URI); decoded with the served model's checks."""
-    img = decode_image(Path(path).read_bytes(), path)
-    img.thumbnail((THUMB, THUMB))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _bars(row, classes: list[int]) -> str:
-    """A bin's count distribution as a small inline SVG bar chart: the expected quantity's bar orange, the
-    others grey, the predicted count's label in bold."""
-    w, h, gap = 14, 40, 3
-    bars = []
-    for k, c in enumerate(classes):
-        p = getattr(row, f"p_{c}", float("nan"))
-        height = 0 if pd.isna(p) else round(float(p) * h, 1)
-        x = k * (w + gap)
-        colour = "#e8871e" if c == row.expected_quantity else "#999"
-        weight = "bold" if c == row.predicted else "normal"
-        bars.append(f"<rect x='{x}' y='{h - height}' width='{w}' height='{height}' fill='{colour}'>"
-                    f"<title>p({c}) = {0 if pd.isna(p) else float(p):.2f}</title></rect>"
-                    f"<text x='{x + w / 2}' y='{h + 11}' font-size='10' text-anchor='middle' "
-                    f"font-weight='{weight}'>{c}</text>")
-    return f"<svg width='{len(classes) * (w + gap)}' height='{h + 13}' role='img'>{''.join(bars)}</svg>"
-
-
-def html_report(df: pd.DataFrame, stats: dict, model: str, promise: str = "") -> str:
-    """A self-contained HTML page: the summary and what the threshold promises (`promise`), the flagged bins
-    (least likely record first) with thumbnails and their count distributions, and the bins that could not be
-    checked."""
-    e = html.escape
-    flagged = df[df["flagged"]].sort_values("p_expected")
-    classes = [int(c[2:]) for c in df.columns if c.startswith("p_") and c[2:].isdigit()]
-    head = "".join(f"<tr><th>{e(k)}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
-                   else f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in stats.items())
-    rows = "".join(
-        f"<tr><td><img src='{_thumbnail(r.path)}' alt='{e(r.image_id)}'></td><td>{e(r.image_id)}</td>"
-        f"<td>{r.expected_quantity}</td><td>{r.predicted}</td><td>{r.p_expected:.3f}</td>"
-        f"<td>{r.confidence:.3f}</td><td>{_bars(r, classes)}</td></tr>" for r in flagged.itertuples())
-    others = df[df["status"] != "checked"]
-    problems = "".join(f"<tr><td>{e(r.image_id)}</td><td>{e(r.status)}</td>"
-                       f"<td>{'' if pd.isna(r.error) else e(str(r.error))}</td></tr>" for r in others.itertuples())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Bin inventory check</title>
-<style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px}}</style>
-</head><body>
-<h1>Bin inventory check</h1>
-<p>Model: {e(model)}. {e(promise) or f"A bin is flagged when the model gives its expected quantity a probability below {stats['threshold']:g}."}</p>
-<p>Flagged bins are sorted by how unlikely their record is. Bars: the model's probability of each count; orange is
-the expected quantity, the bold number the predicted count.</p>
-<h2>Summary</h2><table>{head}</table>
-<h2>Flagged bins ({len(flagged)})</h2>
-<table><tr><th>photo</th><th>bin</th><th>expected</th><th>predicted</th><th>p(expected)</th><th>confidence</th><th>counts</th></tr>
-{rows}</table>
-<h2>Not checked ({len(others)})</h2>
-<table><tr><th>bin</th><th>status</th><th>detail</th></tr>{problems}</table>
-</body></html>
-"""
-
-
-def log_run(df: pd.DataFrame, stats: dict, report: Path | None, params: dict) -> str:
-    """A `reconcile` run in the current experiment with the parameters, summary metrics, the table and the
-    report. -> run id."""
-    with mlflow.start_run() as run:
-        mlflow.set_tag("bincounter.step", "reconcile")
-        mlflow.log_params(params)
-        mlflow.log_metrics({k: v for k, v in stats.items() if k != "threshold"})
-        mlflow.log_text(df.to_csv(index=False), "reconcile.csv")
-        if report is not None:
-            mlflow.log_artifact(str(report))
-        return run.info.run_id

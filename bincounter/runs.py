@@ -1,8 +1,8 @@
 """MLflow helpers shared by the steps: parameters, upstream runs and their artifacts."""
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
@@ -15,46 +15,12 @@ from mlflow.utils.git_utils import get_git_commit
 from bincounter.manifest import read_manifest, split_artifact
 
 
-def str2bool(v: str | bool) -> bool:
-    """'true'/'false' (any case, also 1/0, yes/no) -> bool; anything else is a clear argparse error."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("true", "1", "yes", "y"):
-        return True
-    if s in ("false", "0", "no", "n", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def whole(v: str) -> int:
-    """'42' or '42.0' (MLflow passes numbers as floats) -> 42; a clear argparse error otherwise."""
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
-    if f != int(f):
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}")
-    return int(f)
-
-
-def fraction(v: str) -> float:
-    """'0.9' -> 0.9, a number in (0, 1]; a clear argparse error otherwise."""
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}") from None
-    if not 0 < f <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}")
-    return f
-
-
 def csv_ints(v: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]; a clear argparse error otherwise."""
+    """'1,2,3' (a list as a run logs it) -> [1, 2, 3]; ValueError saying what it expected otherwise."""
     try:
         return [int(x) for x in str(v).split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {v!r}") from None
+        raise ValueError(f"expected comma-separated whole numbers, got {v!r}") from None
 
 
 def finished_run(run_id: str, entry_point: str | None = None):
@@ -85,6 +51,17 @@ def download(run_id: str, artifact_path: str, dst: str | Path | None = None) -> 
 def read_split(run_id: str, split: str, dst: str | Path | None = None):
     """One part (train, val, test) of a split run -> its manifest as a DataFrame."""
     return read_manifest(download(run_id, split_artifact(split), dst))
+
+
+def load_split(split_run_id: str, dst: str | Path | None = None):
+    """What training needs of a FINISHED split run -> (its classes, train manifest, val manifest); ValueError when
+    either part is empty."""
+    split = finished_run(split_run_id, "split")
+    classes = csv_ints(split.data.params["classes"])
+    train_df, val_df = read_split(split_run_id, "train", dst), read_split(split_run_id, "val", dst)
+    if train_df.empty or val_df.empty:
+        raise ValueError(f"split run {split_run_id} has an empty train or val split; ingest more images")
+    return classes, train_df, val_df
 
 
 def download_uri(uri: str, dst: str | Path | None = None) -> Path:
@@ -172,13 +149,14 @@ def _tag_experiment(experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(VIEW))
 
 
-def start_step(step: str, args: argparse.Namespace, name: str | None = None, **run_kwargs):
-    """Open (or join, under `mlflow run`) the step's run, tag it with the step, log all its parameters and name
-    it (`name`, default `run_name(step, args)`); the experiment gets the model-training kind."""
+def start_step(step: str, params: Mapping, name: str | None = None, **run_kwargs):
+    """Open (or join, under `mlflow run`) the step's run, tag it with the step, log all its parameters (`params`,
+    e.g. `vars(args)`; None, a parameter not given, as empty) and name it (`name`, default `run_name(step,
+    params)`); the experiment gets the model-training kind."""
     run = mlflow.start_run(**run_kwargs)
     mlflow.set_tag("bincounter.step", step)
     _tag_experiment(run.info.experiment_id)
-    params = {k: ("" if v is None else v) for k, v in vars(args).items()}
+    params = {k: ("" if v is None else v) for k, v in params.items()}
     existing = mlflow.get_run(run.info.run_id).data.params
     # `mlflow run` has logged the entry point's parameters already; MLflow refuses to change a logged value
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})

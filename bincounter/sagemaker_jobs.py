@@ -23,7 +23,7 @@ Local side (`submit_and_wait`, called by steps/train.py inside its MLflow run):
 Job side (`steps/sagemaker_job.py`, run by sm_entry.py): reads the channels from SM_CHANNEL_*, joins the MLflow run the
 local step created (MLFLOW_RUN_ID) and runs the same fit-and-log code as a local train step. Under torchrun
 (several instances) every process trains its DistributedSampler share and only rank 0 logs (bincounter.training). A spot interruption
-restarts the job with /opt/ml/checkpoints restored; training.Checkpointer resumes from there.
+restarts the job with /opt/ml/checkpoints restored; checkpoints.Checkpointer resumes from there.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import os
 import re
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +47,8 @@ CHECKPOINT_DIR = "/opt/ml/checkpoints"
 ENTRY = "sm_entry.py"
 DATA_CHANNELS = ("cache", "bucket")
 TERMINAL = {"Completed", "Failed", "Stopped"}
+POLL_SECONDS = 30.0  # between two looks at the job's status
+VOLUME_GB = 100  # the job's disk: the cached images, checkpoints and the installed packages
 # what the job installs on top of the PyTorch image (never torch/torchvision: the image brings its own), at the
 # lock's versions; job_requirements adds what the chosen arch needs
 JOB_PACKAGES = ("mlflow", "sagemaker-mlflow", "boto3", "Pillow", "pandas", "matplotlib", "tqdm", "PyYAML", "packaging")
@@ -73,9 +75,6 @@ class JobSettings:
     max_wait_seconds: int = 86400
     data_channel: str = "cache"
     tracking_uri: str = ""
-    poll_seconds: float = 30.0
-    volume_gb: int = 100
-    extra_env: dict = field(default_factory=dict)
 
     def validate(self) -> "JobSettings":
         self.region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
@@ -259,7 +258,7 @@ def job_request(name: str, settings: JobSettings, hp: dict[str, str], channels: 
     if settings.spot:
         stopping["MaxWaitTimeInSeconds"] = settings.max_wait_seconds
     env = {"MLFLOW_TRACKING_URI": settings.tracking_uri, "MLFLOW_RUN_ID": run_id,
-           "SM_CHECKPOINT_DIR": CHECKPOINT_DIR, **settings.extra_env}
+           "SM_CHECKPOINT_DIR": CHECKPOINT_DIR}
     return {
         "TrainingJobName": name,
         "RoleArn": settings.role_arn,
@@ -273,7 +272,7 @@ def job_request(name: str, settings: JobSettings, hp: dict[str, str], channels: 
             for ch, c in channels.items()],
         "OutputDataConfig": {"S3OutputPath": f"{settings.s3_output}/output"},
         "ResourceConfig": {"InstanceType": settings.instance_type, "InstanceCount": settings.instance_count,
-                           "VolumeSizeInGB": settings.volume_gb},
+                           "VolumeSizeInGB": VOLUME_GB},
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": bool(settings.spot),
         "CheckpointConfig": {"S3Uri": f"{settings.s3_output}/checkpoints/{run_id}", "LocalPath": CHECKPOINT_DIR},
@@ -281,7 +280,7 @@ def job_request(name: str, settings: JobSettings, hp: dict[str, str], channels: 
     }
 
 
-def wait(sm, name: str, timeout: float, poll: float = 30.0, log=print, sleep=time.sleep) -> dict:
+def wait(sm, name: str, timeout: float, poll: float = POLL_SECONDS, log=print, sleep=time.sleep) -> dict:
     """Poll until the job ends; print each status change. -> the final describe_training_job answer, or
     JobFailed with the job's FailureReason (on timeout the job is stopped)."""
     deadline = time.monotonic() + timeout
@@ -343,8 +342,7 @@ def submit_and_wait(settings: JobSettings, params: dict, run_id: str, classes: l
     log(f"sagemaker: created training job {name} ({settings.instance_count} x {settings.instance_type}"
         f"{', spot' if settings.spot else ''}) for run {run_id}")
     try:
-        d = wait(sm, name, timeout if timeout is not None else settings.max_wait_seconds + 3600,
-                 settings.poll_seconds, log=log)
+        d = wait(sm, name, timeout if timeout is not None else settings.max_wait_seconds + 3600, log=log)
     except JobFailed as e:
         client.set_tag(run_id, "bincounter.failure_reason", str(e)[:5000])
         raise

@@ -11,24 +11,21 @@ decoded gets its `error` and the model sees a placeholder image in its place (th
 readable image, and one bad photo must not sink a partition); its count stays null.
 
 The model runs as spark_udf(env_manager="local"): Arrow batches of `batch_size` photos per model call (the
-pyfunc decodes a batch in threads and runs forwards of serving.MAX_BATCH). On a cluster the model is loaded once
-per Python worker (MLflow's SparkModelCache; workers are reused across tasks); in local mode MLflow loads it once
-per partition, so `partitions` defaults to one per core.
+pyfunc answers through predict.predict, the one prediction path: it decodes a batch in threads and runs forwards
+of serving.MAX_BATCH). On a cluster the model is loaded once per Python worker (MLflow's SparkModelCache; workers
+are reused across tasks); in local mode MLflow loads it once per partition, so `partitions` defaults to one per
+core. The session and the output folder are spark_job's.
 
-Output (a folder, `OutputFolder`): `scores.parquet/` (and `scores.csv/` when asked) with image_id, source,
-count, confidence, p_<c>, review (when the model has it), error, and with the inventory check expected_quantity,
-p_expected, flagged, status; `score.json` (what ran, the row counts) marks it as a score output. It is written
-beside the old one and swapped in: a rerun replaces the output as a whole, never a mix of two runs.
+Output (a folder, spark_job.OutputFolder): `scores.parquet/` (and `scores.csv/` when asked) with image_id,
+source, count, confidence, p_<c>, review (when the model has it), error, and with the inventory check
+expected_quantity, p_expected, flagged, status; `score.json` (what ran, the row counts) marks it as a score
+output. It is written beside the old one and swapped in: a rerun replaces the output as a whole, never a mix of
+two runs.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
-import re
-import shutil
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -40,24 +37,21 @@ from urllib.parse import urlparse
 import boto3
 import mlflow
 import pandas as pd
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
 from bincounter import abid
 from bincounter import reconcile as rec
 from bincounter.manifest import read_manifest
-from bincounter.reconcile import IMAGE_SUFFIXES, find_images
+from bincounter.predict import IMAGE_SUFFIXES, find_images, read_file
 from bincounter.runs import download_uri
-from bincounter.sources import MissingObject, S3Source, SourceError, anonymous_client
+from bincounter.sources import MissingObject, S3Source, SourceError, anonymous_client, signed_client
+from bincounter.spark_job import MARKER, OutputFolder
 from bincounter.transforms import ImageError, decode_image
 
 TABLE = "scores.parquet"
 CSV = "scores.csv"
-MARKER = "score.json"  # written last into a score output: what ran and its row counts
 READ_THREADS = 16  # objects fetched and checked at once per Python worker: S3 reads wait on the network
-MASTER_CONNECT_TIMEOUT = 10  # seconds to reach a spark:// master before giving up (Spark itself waits 70)
-MASTER = re.compile(r"local(\[[^\]]+\])?|local-cluster\[[^\]]+\]|spark://[^/]+|yarn|k8s://.+")
 
 
 @dataclass
@@ -106,11 +100,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 def _client(signed: bool, workers: int = READ_THREADS):
     """An S3 client: anonymous (ingest's), or signed with the credentials boto3 finds; both retry."""
-    if not signed:
-        return anonymous_client(None, workers)
-    config = Config(max_pool_connections=max(workers, 10), retries={"max_attempts": 5, "mode": "standard"},
-                    connect_timeout=10, read_timeout=60)
-    return boto3.session.Session().client("s3", config=config)
+    return (signed_client if signed else anonymous_client)(None, workers)
 
 
 def _list_s3(uri: str, limit: int) -> tuple[list[str], bool]:
@@ -180,49 +170,6 @@ def result_type(columns: list[tuple[str, str]]) -> str:
     return f"struct<{','.join(fields)}>"
 
 
-def check_master(master: str) -> None:
-    """A spark_master Spark would reject, or a spark:// master that does not answer within
-    MASTER_CONNECT_TIMEOUT seconds -> ValueError naming it (Spark would take 70 s to say something vaguer)."""
-    if not MASTER.fullmatch(master):
-        raise ValueError(f"spark_master {master!r}: expected local[*], local[N], spark://host:port, yarn or k8s://...")
-    if master.startswith("spark://"):
-        errors = []
-        for hostport in master[len("spark://"):].split(","):
-            host, _, port = hostport.rpartition(":")
-            try:
-                socket.create_connection((host, int(port)), timeout=MASTER_CONNECT_TIMEOUT).close()
-                return
-            except (OSError, ValueError) as e:
-                errors.append(f"{hostport}: {e}")
-        raise ValueError(f"spark_master {master}: cannot reach it ({'; '.join(errors)})")
-
-
-def spark_session(master: str = "local[*]", batch_size: int = 64, app_name: str = "bincounter-score"):
-    """A SparkSession for scoring (an existing one is reused, as under spark-submit or in a notebook): Python
-    workers are this interpreter; Arrow batches of `batch_size` rows; one torch thread per task (Spark runs a
-    task per core: more threads would fight over the same cores)."""
-    check_master(master)
-    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
-        raise ValueError("Spark needs a Java runtime: no java on PATH and JAVA_HOME is not set "
-                         "(`make java` installs Debian's default-jre-headless)")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # else workers run another python, without pandas
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    from pyspark.sql import SparkSession
-
-    builder = (SparkSession.builder.master(master).appName(app_name)
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
-               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               .config("spark.executorEnv.OMP_NUM_THREADS", "1")
-               .config("spark.ui.showConsoleProgress", "false"))
-    try:
-        spark = builder.getOrCreate()
-    except Exception as e:  # noqa: BLE001 - py4j and Spark errors: the point is to name the master
-        raise ValueError(f"spark_master {master}: Spark did not start ({str(e).splitlines()[0]})") from None
-    # an existing session keeps its settings; this one is per query
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
-    return spark
-
-
 def _placeholder() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, "JPEG")
@@ -237,11 +184,8 @@ _POOL: ThreadPoolExecutor | None = None
 
 def _s3(bucket: str, signed: bool) -> S3Source:
     with _SOURCES_LOCK:
-        if (bucket, signed) not in _SOURCES:
-            src = S3Source(bucket, workers=READ_THREADS)  # its endpoint: AWS_ENDPOINT_URL, else AWS
-            if signed:
-                src.client = _client(True)
-            _SOURCES[(bucket, signed)] = src
+        if (bucket, signed) not in _SOURCES:  # its endpoint: AWS_ENDPOINT_URL, else AWS
+            _SOURCES[(bucket, signed)] = S3Source(bucket, workers=READ_THREADS, signed=signed)
         return _SOURCES[(bucket, signed)]
 
 
@@ -251,15 +195,15 @@ def read_photo(source: str, signed: bool = False) -> tuple[bytes, str | None]:
     try:
         if source.startswith("s3://"):
             bucket, key = _split_s3(source)
-            content = _s3(bucket, signed)._get(key)  # S3Source's retries and error messages
+            content = _s3(bucket, signed).get(key)  # S3Source's retries and error messages
         else:
-            content = Path(source).read_bytes()
+            content, error = read_file(source)
+            if error:
+                return PLACEHOLDER, error
         decode_image(content, source)
         return content, None
     except (ImageError, MissingObject, SourceError) as e:
         return PLACEHOLDER, str(e)
-    except OSError as e:
-        return PLACEHOLDER, f"{source}: cannot read ({e.strerror or e})"
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -309,51 +253,6 @@ def count_frame(spark, df, model: Model, signed: bool = False):
     return df.select(*out, F.coalesce(F.col("_in.error"), model_error).alias("error"))
 
 
-class OutputFolder:
-    """The output folder on any filesystem Spark writes to (a local path, hdfs://, s3:// on EMR, dbfs:/),
-    through Hadoop's FileSystem API in the driver's JVM."""
-
-    def __init__(self, spark, uri: str):
-        self.uri = uri
-        self._Path = spark._jvm.org.apache.hadoop.fs.Path
-        self.path = self._Path(uri)
-        self.fs = self.path.getFileSystem(spark._jsc.hadoopConfiguration())
-        self.fs.setWriteChecksum(False)  # no .crc files beside score.json on a local disk
-
-    def child(self, name: str) -> str:
-        return self._Path(self.path, name).toString()
-
-    def check(self) -> None:
-        """ValueError when `uri` exists and is not a score output (a rerun may replace only its own output)."""
-        if self.fs.exists(self.path) and not self.fs.exists(self._Path(self.path, MARKER)):
-            raise ValueError(f"output {self.uri} exists and is not a score output (it has no {MARKER}): "
-                             "give a new path or a previous score output")
-
-    def write_text(self, name: str, text: str) -> None:
-        stream = self.fs.create(self._Path(self.path, name), True)
-        try:
-            stream.write(text.encode())
-        finally:
-            stream.close()
-
-    def replace(self, new: "OutputFolder") -> None:
-        """Put the folder `new` where this one is: the old output moves aside, the new one in, the old is
-        deleted. A reader sees the old output or the new one, never a mix."""
-        aside = self._Path(f"{self.path.toString()}.old-{uuid.uuid4().hex[:8]}")
-        had_old = self.fs.exists(self.path)
-        if had_old and not self.fs.rename(self.path, aside):
-            raise OSError(f"output {self.uri}: cannot move the previous output aside to {aside.toString()}")
-        if not self.fs.rename(new.path, self.path):
-            if had_old:
-                self.fs.rename(aside, self.path)
-            raise OSError(f"output {self.uri}: cannot move the new output {new.uri} into place")
-        if had_old:
-            self.fs.delete(aside, True)
-
-    def delete(self) -> None:
-        self.fs.delete(self.path, True)
-
-
 @dataclass
 class Expected:
     """The inventory check's expected quantities: read on the driver from a metadata folder or CSV
@@ -366,9 +265,10 @@ class Expected:
     prefix: str | None = None
 
 
-def read_expected(source: str, threshold: float) -> Expected:
-    """`expected` (a metadata folder, a CSV image_id,expected_quantity or an s3:// metadata prefix) ->
-    Expected. ValueError naming it when it cannot be read."""
+def expectations(source: str, threshold: float) -> Expected:
+    """`expected` (a metadata folder, a CSV image_id,expected_quantity or an s3:// metadata prefix) and the
+    check's threshold -> Expected: a folder or CSV read now (reconcile.read_expected, the one reader), a prefix
+    later, per photo. ValueError naming it when it cannot be read."""
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if source.startswith("s3://"):
@@ -385,7 +285,7 @@ def read_metadata(prefix: str, image_id: str, signed: bool = False) -> tuple[int
     (None, None) when there is none (like a folder without the file)."""
     bucket, key = _split_s3(f"{prefix}{image_id}.json")
     try:
-        return abid.parse_metadata(_s3(bucket, signed)._get(key), f"s3://{bucket}/{key}"), None
+        return abid.parse_metadata(_s3(bucket, signed).get(key), f"s3://{bucket}/{key}"), None
     except MissingObject:
         return None, None
     except (SourceError, abid.MetadataError) as e:

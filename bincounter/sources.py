@@ -1,12 +1,5 @@
 """Where image and metadata bytes come from: the ABID bucket on S3, a local folder in the bucket's layout, or
-the synthetic bin generator.
-
-Every source has `tag` (names its records in the cache: the same image id from two sources never mixes),
-`dataset_source` (where the manifest's data came from, for mlflow.data), `name` (the source in tables and
-metric names: `s3://<bucket>`, `synthetic://seed=<seed>`, a folder's name), `where(key)` (names an object in
-messages), `row_source(image_id)` (the manifest's `source` column: the object's URI for S3 and synthetic bins,
-the folder's name for a local folder), `get_image(image_id) -> bytes` (raises MissingObject when there is no such
-image) and `get_metadata(image_id) -> bytes | None` (None when the image has no metadata).
+the synthetic bin generator. Every source offers the same interface, `Source`: what ingest reads.
 """
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import boto3
 from botocore import UNSIGNED
@@ -49,19 +43,59 @@ def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+@runtime_checkable
+class Source(Protocol):
+    """What ingest reads from a source: S3Source, LocalSource, SyntheticSource (and NotInFolders, where the ids
+    that none of several folders has go).
+
+    `name`: the source in tables and metric names (`s3://<bucket>`, `synthetic://seed=<seed>`, a folder's name;
+    None: no metrics of its own); `tag`: names its records in the cache (the same image id from two sources never
+    mixes); `dataset_source`: where the manifest's data came from, for mlflow.data."""
+
+    name: str | None
+    tag: str
+    dataset_source: object
+
+    def check(self) -> None:
+        """ValueError naming the parameter when the source cannot be read at all (before any image is)."""
+        ...
+
+    def labels(self) -> dict[str, int | None] | None:
+        """{image_id: its count, or None where only its metadata knows it} for every image the source knows a
+        count of; None when the source does not list its own (the bucket: a file list names the images)."""
+        ...
+
+    def where(self, key: str) -> str:
+        """Names an object (`bin-images/<id>.jpg`, `metadata/<id>.json`) in messages."""
+        ...
+
+    def row_source(self, image_id: str) -> str:
+        """The manifest's `source` column: the object's URI for S3 and synthetic bins, a local folder's name."""
+        ...
+
+    def get_image(self, image_id: str) -> bytes:
+        """The image's bytes. MissingObject when there is no such image, SourceError when it cannot be read."""
+        ...
+
+    def get_metadata(self, image_id: str) -> bytes | None:
+        """The image's metadata JSON, None when it has none. SourceError or OSError when it cannot be read."""
+        ...
+
+
 class S3Source:
-    """Anonymous (unsigned) reads from an ABID-layout bucket; `endpoint_url` points at another S3 (e.g. moto).
+    """Reads from an ABID-layout bucket: anonymous (unsigned), or `signed` with the AWS credentials boto3 finds
+    (a private bucket); `endpoint_url` points at another S3 (e.g. moto). `get(key)` reads any object of it.
 
     One boto3 client is shared by all threads (clients are thread-safe); its pool holds `workers` connections.
     """
 
     def __init__(self, bucket: str = abid.BUCKET, endpoint_url: str | None = None, workers: int = 16,
-                 attempts: int = 4, backoff: float = 0.5):
+                 attempts: int = 4, backoff: float = 0.5, signed: bool = False):
         self.bucket = bucket
         self.endpoint_url = endpoint_url or None
         self.attempts = attempts
         self.backoff = backoff
-        self.client = anonymous_client(self.endpoint_url, workers)
+        self.client = (signed_client if signed else anonymous_client)(self.endpoint_url, workers)
         self.name = f"s3://{bucket}"  # the bins' source_group (bincounter.manifest)
         self.tag = f"s3-{bucket}-{short_hash(self.endpoint_url or 'aws')}"
         self.dataset_source = f"{self.endpoint_url.rstrip('/')}/{bucket}" if self.endpoint_url else f"s3://{bucket}"
@@ -71,6 +105,10 @@ class S3Source:
 
     def row_source(self, image_id: str) -> str:
         return self.where(abid.image_key(image_id))
+
+    def labels(self) -> None:
+        """None: the bucket's counts are in its metadata, one object per image (a file list names the images)."""
+        return None
 
     def check(self) -> None:
         """Fail at once, naming the parameter, when the bucket or endpoint is wrong (rather than rejecting
@@ -88,16 +126,17 @@ class S3Source:
             raise ValueError(f"endpoint_url: cannot reach S3 {where}: {e}") from None
 
     def get_image(self, image_id: str) -> bytes:
-        return self._get(abid.image_key(image_id))
+        return self.get(abid.image_key(image_id))
 
     def get_metadata(self, image_id: str) -> bytes | None:
         try:
-            return self._get(abid.metadata_key(image_id))
+            return self.get(abid.metadata_key(image_id))
         except MissingObject:
             return None
 
-    def _get(self, key: str) -> bytes:
-        """The whole object `key`; retries transient errors with exponential back-off and jitter."""
+    def get(self, key: str) -> bytes:
+        """The whole object `key`; retries transient errors with exponential back-off and jitter. MissingObject
+        when there is no such key, SourceError when it cannot be read (both name the object's s3:// URI)."""
         attempt = 0
         while True:
             attempt += 1
@@ -130,6 +169,13 @@ def anonymous_client(endpoint_url: str | None, workers: int = 16):
                                           config=config)
 
 
+def signed_client(endpoint_url: str | None, workers: int = 16):
+    """An S3 client signed with the credentials boto3 finds (a private bucket), with botocore's standard retries."""
+    config = Config(max_pool_connections=max(workers, 10), retries={"max_attempts": 5, "mode": "standard"},
+                    connect_timeout=10, read_timeout=60)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
 class LocalSource:
     """A folder laid out like the bucket: `bin-images/<id>.jpg`, `metadata/<id>.json`, optionally `labels.csv`.
     `name`, the manifest's `source` for its bins, is the folder's own name as given (`../shared/abid-more` ->
@@ -147,6 +193,16 @@ class LocalSource:
 
     def row_source(self, image_id: str) -> str:
         return self.name
+
+    def check(self) -> None:
+        """ValueError `data_dir: ...` naming the folder as given when it does not exist, has no bin-images/
+        folder or no photo in it. Reads no image."""
+        if not self.root.is_dir():
+            raise ValueError(f"data_dir: {self.given} does not exist or is not a folder")
+        if not (self.root / abid.IMAGE_PREFIX).is_dir():
+            raise ValueError(f"data_dir: {self.given} has no {abid.IMAGE_PREFIX} folder")
+        if next((self.root / abid.IMAGE_PREFIX).glob("*.jpg"), None) is None:
+            raise ValueError(f"data_dir: {self.given} has no photo in {abid.IMAGE_PREFIX} (no .jpg file)")
 
     def has_image(self, image_id: str) -> bool:
         return (self.root / abid.image_key(image_id)).is_file()
@@ -179,9 +235,9 @@ class LocalSource:
 
 def local_folders(data_dir: str) -> list[LocalSource]:
     """`data_dir`: a folder, or several separated by commas -> their LocalSources, in the order given. Reads no
-    image. Raises ValueError `data_dir: ...` naming the folder when one does not exist, has no bin-images/ folder
-    or no photo in it, is given twice (the same folder however spelled), or has the same name as another (its
-    name is the manifest's `source`: two folders named alike could not be told apart)."""
+    image. Raises ValueError `data_dir: ...` naming the folder when one fails LocalSource.check, is given twice
+    (the same folder however spelled), or has the same name as another (its name is the manifest's `source`: two
+    folders named alike could not be told apart)."""
     dirs = [d.strip() for d in data_dir.split(",")]
     if not any(dirs):
         raise ValueError("data_dir: source=local needs data_dir, a folder with bin-images/ and metadata/ "
@@ -190,13 +246,8 @@ def local_folders(data_dir: str) -> list[LocalSource]:
         raise ValueError(f"data_dir: {data_dir!r} has an empty entry between its commas")
     folders: list[LocalSource] = []
     for d in dirs:
-        if not Path(d).is_dir():
-            raise ValueError(f"data_dir: {d} does not exist or is not a folder")
-        if not (Path(d) / abid.IMAGE_PREFIX).is_dir():
-            raise ValueError(f"data_dir: {d} has no {abid.IMAGE_PREFIX} folder")
-        if next((Path(d) / abid.IMAGE_PREFIX).glob("*.jpg"), None) is None:
-            raise ValueError(f"data_dir: {d} has no photo in {abid.IMAGE_PREFIX} (no .jpg file)")
         folder = LocalSource(d)
+        folder.check()
         for other in folders:
             if other.root == folder.root:
                 raise ValueError(f"data_dir: {d} is given twice (as {other.given} and {d}, both {folder.root})")
@@ -209,18 +260,18 @@ def local_folders(data_dir: str) -> list[LocalSource]:
     return folders
 
 
-def all_labels(folders: list[LocalSource]) -> tuple[dict[str, int | None], dict[str, LocalSource], dict[str, list]]:
-    """Every image of the folders whose count is known (LocalSource.labels) -> ({image_id: count or None},
-    {image_id: the folder it is taken from}, {image_id: every folder that has it} for ids in several). An id in
-    several folders is taken from the first one listed, with that folder's count."""
+def all_labels(sources: list[Source]) -> tuple[dict[str, int | None], dict[str, Source], dict[str, list]]:
+    """Every image whose count the sources know (Source.labels: local folders, the synthetic bins) ->
+    ({image_id: count or None}, {image_id: the source it is taken from}, {image_id: every source that has it}
+    for ids in several). An id in several is taken from the first one listed, with that one's count."""
     items: dict[str, int | None] = {}
-    owner: dict[str, LocalSource] = {}
-    found: dict[str, list[LocalSource]] = {}
-    for folder in folders:
-        for image_id, count in folder.labels().items():
-            found.setdefault(image_id, []).append(folder)
+    owner: dict[str, Source] = {}
+    found: dict[str, list[Source]] = {}
+    for source in sources:
+        for image_id, count in source.labels().items():
+            found.setdefault(image_id, []).append(source)
             if image_id not in owner:
-                items[image_id], owner[image_id] = count, folder
+                items[image_id], owner[image_id] = count, source
     return items, owner, {i: f for i, f in found.items() if len(f) > 1}
 
 
@@ -262,6 +313,13 @@ class NotInFolders:
     def row_source(self, image_id: str) -> str:
         return self._folder(abid.image_key(image_id)).name
 
+    def check(self) -> None:
+        for folder in self.folders:
+            folder.check()
+
+    def labels(self) -> dict[str, int | None]:
+        return {}  # no photo is here
+
     def get_image(self, image_id: str) -> bytes:
         paths = [f.where(abid.image_key(image_id)) for f in self.folders]
         raise MissingObject(f"{' and '.join(paths)} {'does' if len(paths) == 1 else 'do'} not exist")
@@ -272,10 +330,10 @@ class NotInFolders:
 
 class SyntheticSource:
     """Generated bins (bincounter.synthetic): image `syn<seed>-<i>` is draw_bin(count, item_seed(seed, i), size)
-    encoded as JPEG. The counts come with the item list (`labels`), not from metadata."""
+    encoded as JPEG. The counts come with the item list (`labels()`), not from metadata."""
 
     def __init__(self, num_images: int, count_min: int, count_max: int, seed: int, size: int):
-        self.labels = dict(synthetic.synthetic_items(num_images, count_min, count_max, seed))
+        self._counts = dict(synthetic.synthetic_items(num_images, count_min, count_max, seed))
         self.seed = seed
         self.size = size
         self.name = f"synthetic://seed={seed}"  # the bins' source_group (bincounter.manifest)
@@ -288,11 +346,18 @@ class SyntheticSource:
     def row_source(self, image_id: str) -> str:
         return self.where(abid.image_key(image_id))
 
+    def check(self) -> None:
+        pass  # nothing to reach: the bins are drawn here
+
+    def labels(self) -> dict[str, int]:
+        """{image_id: count} of every bin of the set, in the generator's order."""
+        return dict(self._counts)
+
     def get_image(self, image_id: str) -> bytes:
-        if image_id not in self.labels:
+        if image_id not in self._counts:
             raise MissingObject(f"{self.where(abid.image_key(image_id))} is not in this synthetic set")
         index = int(image_id.rsplit("-", 1)[1])
-        img = synthetic.draw_bin(self.labels[image_id], synthetic.item_seed(self.seed, index), self.size)
+        img = synthetic.draw_bin(self._counts[image_id], synthetic.item_seed(self.seed, index), self.size)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         return buf.getvalue()

@@ -1,8 +1,9 @@
-"""The fit loop: one epoch of training, evaluation, checkpoints with resume, early stopping on `monitor`.
+"""The fit loop: epochs of training and evaluation, resume from the run's checkpoint, early stopping on `monitor`.
 
 `train_run` is what both the train step and each hpo trial call: it logs into the active MLflow run. It runs in
 phases, as torchvision's reference training does: `setup` (model, optimizer, data -> a `Fit`), `restore` (from
-the run's checkpoint), `wrap_distributed`, `train_epochs`, `finish` (the best epoch's model).
+the run's checkpoint, bincounter.checkpoints), `wrap_distributed`, `train_epochs`, `finish` (the best epoch's
+model). What each lever does inside an epoch is bincounter.levers; the settings are bincounter.train_config.
 Distributed data parallel: started under torchrun (WORLD_SIZE > 1, e.g. a SageMaker job on several instances)
 `train_run` joins the process group (nccl on GPUs, gloo on CPUs), each process trains on its DistributedSampler
 share, and only rank 0 logs to MLflow and writes checkpoints.
@@ -10,10 +11,8 @@ share, and only rank 0 logs to MLflow and writes checkpoints.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,123 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from bincounter import metrics
+from bincounter.checkpoints import Checkpointer
 from bincounter.data import ManifestDataset, make_loader
-from bincounter.manifest import atomic_write_bytes
-from bincounter.model import ARCHS, DECISIONS, build_model, decide, get_arch, is_head, probabilities, trains
+from bincounter.levers import CountLoss, balanced_sampler, epoch_size, lr_factor, make_optimizer, mix, set_train_mode
+from bincounter.model import build_model, decide, get_arch, probabilities
 from bincounter.tensor_cache import TensorCache, TrainBatches, open_cache
-from bincounter.transforms import AUGMENTS, FITS, EvalPreset, TrainPreset
-
-CHECKPOINT = "checkpoint/last.pt"  # artifact path inside the train run
-OPTIMIZERS = ("adamw", "sgd", "adam")
-
-
-# The validation metrics an epoch yields and which way is better: what early stopping and the kept epoch follow
-# (`monitor`) and what hpo selects on. Cross-entropy can rise while accuracy and RMSE improve (an overconfident
-# model), so the default follows what users judge a counter by.
-MONITORS = {"val_accuracy": "max", "val_rmse": "min", "val_mae": "min", "val_within1_accuracy": "max",
-            "val_loss": "min"}
-BN_MODES = ("batch", "frozen")
-DATA_PATHS = ("pil", "tensor")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a training result. The defaults are the project's single source for the
-    tunable hyperparameters (the train step's empty parameters fall back to these)."""
-    arch: str = "resnet50"
-    weights: str = "imagenet"
-    image_size: int = 224
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 32
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    freeze: bool = False
-    patience: int = 3
-    monitor: str = "val_accuracy"  # early stopping and the kept epoch follow it (MONITORS)
-    max_steps: int = 0  # train batches per epoch, 0 = all (tests and quick trials)
-    workers: int = 0  # data-loading processes: on a 2-core CPU they only steal cores from the math (bench/train.py)
-    data_path: str = "pil"  # pil: decode + augment per image in the loader; tensor: tensor_cache (for accelerators)
-    seed: int = 42
-    # levers for few training images (bench/few_real.py measures each): see CountLoss, TrainPreset, lr_factor
-    ordinal_weight: float = 0.0  # weight of the squared count error beside cross-entropy; 0 = cross-entropy only
-    label_smoothing: float = 0.0
-    balanced: bool = False  # draw every count equally often (with replacement) instead of shuffling
-    augment: str = "light"
-    fit: str = "crop"  # transforms.FITS: how a photo becomes the model's square (train, evaluate and serving)
-    warmup_epochs: int = 0  # linear warm-up before the cosine decay
-    tta: bool = False  # predict on the image and its mirror image (validation, evaluate and serving)
-    decision: str = "argmax"  # probabilities -> count (model.decide), in validation, evaluate and serving
-    ema: float = 0.0  # decay per step of an exponential moving average of the weights, which is validated and
-    # kept instead of the weights themselves; 0 = off
-    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight (pairs of images, and their losses); 0 = off
-    start_size: int = 0  # progressive resizing: the first epoch trains at this size, rising to image_size by
-    # the middle epoch (validation always at image_size); 0 = image_size all along
-    # transfer-learning levers (pretrained weights): see set_train_mode, make_optimizer
-    freeze_epochs: int = 0  # epochs of training the head alone (backbone frozen, in eval mode) before unfreezing;
-    # no effect beside freeze=True (the head alone all along), so that hpo can draw both
-    backbone_lr: float = 1.0  # the backbone's learning rate as a fraction of the head's (`lr`)
-    bn: str = "batch"  # batch: BatchNorm learns the bins' statistics; frozen: keeps the pretrained ones
-    trainable_blocks: int = 0  # train only the last N of the arch's blocks (model.Arch.blocks) and the head; 0 = all
-    keep_last: bool = False  # keep the last epoch, not the best by `monitor` (a refit: its epoch count is chosen)
-    classes: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-
-    def validate(self) -> "TrainConfig":
-        pretrained = self.weights != "none"
-        blocks = len(ARCHS[self.arch].blocks) if self.arch in ARCHS else 0
-        checks = [
-            (self.arch in ARCHS, f"arch {self.arch!r} is not one of {', '.join(ARCHS)}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.image_size >= 32, f"image_size must be at least 32, got {self.image_size}"),
-            (self.patience >= 0, f"patience must be >= 0 (0 = no early stopping), got {self.patience}"),
-            (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"),
-            (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
-            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
-            (len(self.classes) >= 2, f"need at least 2 count classes, got {self.classes}"),
-            (self.ordinal_weight >= 0, f"ordinal_weight must be >= 0, got {self.ordinal_weight}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.augment in AUGMENTS, f"augment must be one of {tuple(AUGMENTS)}, got {self.augment!r}"),
-            (self.fit in FITS, f"fit must be one of {FITS}, got {self.fit!r}"),
-            (not (self.augment == "trivial" and self.data_path == "tensor"),
-             "augment=trivial has no batch kernel for the tensor cache: use data_path=pil"),
-            (0 <= self.ema < 1, f"ema must be in [0, 1) (a decay per step; 0 = off), got {self.ema}"),
-            (self.mixup >= 0 and math.isfinite(self.mixup), f"mixup must be >= 0 (0 = off), got {self.mixup}"),
-            (self.start_size == 0 or 32 <= self.start_size <= self.image_size,
-             f"start_size must be 0 (off) or in 32..image_size ({self.image_size}), got {self.start_size}"),
-            (self.decision in DECISIONS, f"decision must be one of {DECISIONS}, got {self.decision!r}"),
-            (0 <= self.warmup_epochs < self.epochs,
-             f"warmup_epochs must be >= 0 and below epochs ({self.epochs}), got {self.warmup_epochs}"),
-            (0 <= self.freeze_epochs < self.epochs,
-             f"freeze_epochs must be >= 0 and below epochs ({self.epochs}), got {self.freeze_epochs}"),
-            (0 < self.backbone_lr <= 1 and math.isfinite(self.backbone_lr),
-             f"backbone_lr must be in (0, 1] (a fraction of lr), got {self.backbone_lr}"),
-            (self.bn in BN_MODES, f"bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}"),
-            (0 <= self.trainable_blocks <= blocks, f"trainable_blocks must be in 0..{blocks} for {self.arch} (0 = "
-             f"all; 1..{blocks}: the last N of its {blocks} blocks), got {self.trainable_blocks}"),
-            (self.data_path in DATA_PATHS, f"data_path must be one of {', '.join(DATA_PATHS)}, got {self.data_path!r}"),
-            (pretrained or (self.freeze_epochs == 0 and self.bn == "batch" and self.trainable_blocks == 0),
-             "freeze_epochs, bn=frozen and trainable_blocks need pretrained weights (a random backbone has nothing "
-             "to keep); got weights=none"),
-            (self.weights in ("imagenet", "none") or self.weights.startswith(("runs:/", "models:/"))
-             or Path(self.weights).is_file(),
-             f"weights {self.weights!r} is not imagenet, none, a model URI or an existing file"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        return self
-
-
-TUNABLE = ("lr", "batch_size", "weight_decay", "optimizer", "freeze", "freeze_epochs", "backbone_lr", "bn",
-           "trainable_blocks", "ema", "mixup")
+from bincounter.train_config import MONITORS, TrainConfig
+from bincounter.transforms import EvalPreset, TrainPreset
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -164,100 +57,6 @@ def setup_device() -> torch.device:
         return torch.device("cuda")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     return torch.device("cpu")
-
-
-class CountLoss(nn.Module):
-    """Cross-entropy (with label smoothing) plus `ordinal_weight` x the squared difference between the expected
-    count under the predicted distribution and the true count: classes are counts, and answering 5 for a bin
-    of 1 is worse than answering 2. Logits [N, C], class indices [N] -> scalar."""
-
-    def __init__(self, classes: list[int], ordinal_weight: float = 0.0, label_smoothing: float = 0.0):
-        super().__init__()
-        self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.ordinal_weight = ordinal_weight
-        self.register_buffer("counts", torch.tensor(classes, dtype=torch.float32))
-
-    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.ce(logits, y)
-        if self.ordinal_weight:
-            expected = logits.float().softmax(1) @ self.counts
-            loss = loss + self.ordinal_weight * ((expected - self.counts[y]) ** 2).mean()
-        return loss
-
-
-def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
-    """The learning rate's multiplier in (0-based) `epoch`: linear warm-up over `warmup` epochs, then a cosine
-    decay over the rest (warmup=0: torch's CosineAnnealingLR)."""
-    if epoch < warmup:
-        return (epoch + 1) / (warmup + 1)
-    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
-
-
-def balanced_sampler(labels: list[int], seed: int) -> WeightedRandomSampler:
-    """Draws len(labels) indices with replacement, every class equally likely; the draws depend on `seed` only."""
-    freq = np.bincount(labels)
-    weights = torch.as_tensor(1.0 / freq[labels], dtype=torch.double)
-    return WeightedRandomSampler(weights, len(labels), replacement=True,
-                                 generator=torch.Generator().manual_seed(seed))
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer over two groups: the head at `lr`, the backbone at `lr` x `backbone_lr` (the head is
-    group 0, whose rate the metrics log). Parameters frozen for good (`freeze`, blocks before the last
-    `trainable_blocks`) are left out."""
-    head, backbone = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad and trains(cfg.arch, name, cfg.trainable_blocks):
-            (head if is_head(cfg.arch, name) else backbone).append(p)
-    groups = [{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr * cfg.backbone_lr}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def set_train_mode(net: nn.Module, cfg: TrainConfig, epoch: int) -> None:
-    """Training mode for (1-based) `epoch`: during the first `freeze_epochs` only the head learns (the backbone
-    takes no gradients and stays in eval mode, so its BatchNorm statistics stay the pretrained ones);
-    `bn=frozen` keeps every BatchNorm layer's statistics all along (eval mode; its scale and shift still
-    learn). With `freeze` the backbone never learns (build_model froze it) and stays in eval mode.
-    `trainable_blocks`: the blocks before the last N (and the stem) never learn and stay in eval mode like a
-    frozen backbone; taking no gradients, they also cost no backward pass."""
-    net.train()
-    head_only = cfg.freeze or epoch <= cfg.freeze_epochs
-    if not cfg.freeze:
-        for name, p in net.named_parameters():
-            p.requires_grad = is_head(cfg.arch, name) or (not head_only and trains(cfg.arch, name, cfg.trainable_blocks))
-    head = get_arch(cfg.arch).head
-    for name, m in net.named_modules():
-        if name == head or name.startswith(head + "."):
-            continue
-        frozen = head_only or not trains(cfg.arch, name, cfg.trainable_blocks)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # timm's BatchNormAct2d too (it has children)
-            if frozen or cfg.bn == "frozen":
-                m.eval()
-        elif frozen and not any(m.children()):  # leaves only: eval() on a parent would reach into the head
-            m.eval()
-
-
-def epoch_size(cfg: TrainConfig, epoch: int) -> int:
-    """The training resolution of (1-based) `epoch`: `start_size` in the first epoch, rising linearly to
-    `image_size` by the middle epoch and staying there (progressive resizing; a multiple of 8)."""
-    if not cfg.start_size:
-        return cfg.image_size
-    ramp = max(cfg.epochs // 2, 1)
-    size = cfg.start_size + (cfg.image_size - cfg.start_size) * min(epoch - 1, ramp) / ramp
-    return min(cfg.image_size, int(round(size / 8)) * 8)
-
-
-def mix(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mixup: each image blended with another of the batch -> (mixed images, the partners' order, the weight
-    of the image's own label). The draws come from `generator` alone, so a resumed epoch replays them."""
-    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(alpha, alpha))
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
-    return lam * x + (1 - lam) * x[perm], perm, lam
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, max_steps: int = 0, desc: str = "train",
@@ -321,53 +120,6 @@ def evaluate(model, loader, device, classes: list[int], tta: bool = False, decis
     loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
     c = np.asarray(classes)
     return {"loss": loss, **metrics.count_metrics(c[y], c[decide(probs, decision)])}
-
-
-def job_checkpoint_dir() -> Path | None:
-    """A SageMaker job's checkpoint folder (synced to the job's CheckpointConfig S3 URI and restored when a spot
-    job restarts): SM_CHECKPOINT_DIR, else /opt/ml/checkpoints when it exists; None outside a job."""
-    d = os.environ.get("SM_CHECKPOINT_DIR")
-    if d:
-        return Path(d)
-    return Path("/opt/ml/checkpoints") if Path("/opt/ml/checkpoints").is_dir() else None
-
-
-class Checkpointer:
-    """Saves the training state atomically after every epoch, locally and as the run's artifact; inside a
-    SageMaker job also into its checkpoint folder (<dir>/<run id>/last.pt), which `load` prefers."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-        job_dir = job_checkpoint_dir()
-        self.job_file = job_dir / run_id / "last.pt" if job_dir else None
-
-    def load(self) -> dict | None:
-        """The run's last checkpoint, or None when it has none."""
-        if self.job_file and self.job_file.is_file():  # written before the artifact: never older than it
-            return torch.load(self.job_file, map_location="cpu", weights_only=True)
-        client = mlflow.MlflowClient()
-        if not any(f.path == CHECKPOINT for f in client.list_artifacts(self.run_id, "checkpoint")):
-            return None
-        # temporary folders, removed at once: a checkpoint is ~100-350 MB and trainings are many
-        with tempfile.TemporaryDirectory(prefix="bincounter-ckpt-") as tmp:
-            path = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=tmp)
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-    def save(self, state: dict) -> None:
-        buf = _to_bytes(state)
-        if self.job_file:
-            atomic_write_bytes(self.job_file, buf)
-        with tempfile.TemporaryDirectory(prefix="bincounter-ckpt-") as tmp:
-            path = Path(tmp) / Path(CHECKPOINT).name
-            path.write_bytes(buf)  # a private folder: the artifact store sees only the finished file
-            mlflow.log_artifact(str(path), Path(CHECKPOINT).parent.name)
-
-
-def _to_bytes(obj) -> bytes:
-    import io
-    b = io.BytesIO()
-    torch.save(obj, b)
-    return b.getvalue()
 
 
 def _set_seed(seed: int) -> None:

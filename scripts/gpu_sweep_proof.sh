@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU sweep's call, proven on this CPU as far as one can be (docs/benchmarks.md, "The GPU sweep"): a fresh
 # venv holding only packages the GPU image has (/work/.library/device/KINDS.md) at this venv's versions, the
-# bundle's wheels (PIN in bench/gpu_sweep.py) for this Python installed the way the GPU machine installs them
+# bundle's wheels (PIN in bench/gpu_bundle.py) for this Python installed the way the GPU machine installs them
 # (bench/gpu_sweep.py --wheels: pip, no index, no dependencies, --target), then
 #   1. bench/gpu_sweep.py --tiny on the bundled real sample (.gpu_sweep/abid-sample, from `make gpu-bundle`);
 #   2. the model logging and loading that bench/cuda_smoke.py does on CUDA, on the CPU (log_trained_model, the
@@ -39,8 +39,8 @@ cd "$ROOT"
 "$ROOT/.venv/bin/python" -c "
 import sys; sys.path.insert(0, 'bench')
 from pathlib import Path
-import gpu_sweep
-print(len(gpu_sweep.download_wheels(Path('$WORK/wheels'), '$VER')), 'wheels for CPython $VER')"
+import gpu_bundle
+print(len(gpu_bundle.download_wheels(Path('$WORK/wheels'), '$VER')), 'wheels for CPython $VER')"
 rm -rf "$WORK/site" "$WORK/out"
 env -u PYTHONPATH -u MLFLOW_TRACKING_URI -u MLFLOW_EXPERIMENT_NAME OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 \
   "$WORK/venv/bin/python" bench/gpu_sweep.py --wheels "$WORK/wheels" --site "$WORK/site" --tiny --trials 2 \
@@ -60,7 +60,7 @@ sys.path[:0] = [".", "tests"]
 from helpers_data import make_manifest  # noqa: E402
 
 from bincounter.manifest import stratified_split  # noqa: E402
-from bincounter.trainer import log_trained_model  # noqa: E402
+from bincounter.train_log import log_trained_model  # noqa: E402
 from bincounter.training import TrainConfig, train_run  # noqa: E402
 
 with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,8 @@ import mlflow
 
 from bincounter import entry
 from bincounter.deploy import Settings, deploy
-from bincounter.runs import start_step, str2bool, whole
+from bincounter.runs import start_step
+from steps.options import str2bool, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> str:
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)}).validate()
-    with start_step("deploy", args) as run:
+    with start_step("deploy", vars(args)) as run:
         action, info = deploy(settings)
         mlflow.set_tags({"bincounter.deploy_action": action,"bincounter.endpoint_arn": info["EndpointArn"],
                          "bincounter.endpoint_status": info["EndpointStatus"],

@@ -24,11 +24,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from bincounter import calibration, entry, serving
-from bincounter.manifest import read_manifest
+from bincounter import calibration, entry, priors, serving
 from bincounter.model import DECISIONS, decide
-from bincounter.runs import download, finished_run, start_step
-from bincounter.trainer import CALIBRATION_BINS
+from bincounter.predict import predict, read_file
+from bincounter.runs import finished_run, read_split, start_step
+from steps.options import add_calibration_options, trust_targets
+from bincounter.train_log import CALIBRATION_BINS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split_run_id", required=True,
                    help="its validation split calibrates the ensemble (temperature, review and check thresholds)")
     p.add_argument("--decision", default="", choices=["", *DECISIONS], help="empty: the first member's")
-    calibration.add_options(p)
+    add_calibration_options(p)
     return p
 
 
@@ -52,7 +53,7 @@ def member_uris(members: str) -> list[str]:
     return uris
 
 
-def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[serving.BinCounter], list[dict]]:
+def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[serving.BaseCounter], list[dict]]:
     """-> (each member's model folder, loaded counter, {uri, run_id}); a member that does not load, or counts
     other classes than the first, is refused by name."""
     dirs, counters, sources = [], [], []
@@ -82,29 +83,38 @@ def unseen(val, sources: list[dict]):
     return keep
 
 
+def member_probabilities(member: serving.BaseCounter, images: list[bytes], names: list[str],
+                         classes: list[int]) -> np.ndarray:
+    """One member's calibrated probabilities [N, C] at its training mix (predict.predict, target mix `train`:
+    the ensemble moves the mix once, after the mean); NaN rows where an image is unreadable."""
+    table = predict(member, images, names, serving.Settings(target_mix=priors.TRAIN_MIX))
+    return table[[f"p_{c}" for c in classes]].to_numpy(dtype=float, na_value=np.nan)
+
+
 def main(args: argparse.Namespace) -> str:
     uris = member_uris(args.members)
     finished_run(args.split_run_id, "split")
     with tempfile.TemporaryDirectory() as tmp:
-        val = read_manifest(download(args.split_run_id, "splits/val.csv", tmp))
+        val = read_split(args.split_run_id, "val", tmp)
         dirs, counters, sources = load_members(uris, tmp)
         classes = counters[0].classes
         config = {"classes": classes, "decision": args.decision or counters[0].decision, "members": sources}
-        images = [Path(p).read_bytes() for p in val["path"]]
-        per_member = [m.calibrated(images, list(val["image_id"])) for m in counters]  # at the training mix
-        # the ensemble at temperature 1 (Ensemble.probabilities' mean): what calibration is fitted on
-        probs, errors = np.mean([p for p, _ in per_member], axis=0), per_member[0][1]
-        ok = np.array([e is None for e in errors]) & val["count"].isin(classes).to_numpy() & unseen(val, sources)
+        images, read_errors = zip(*map(read_file, val["path"]))
+        per_member = [member_probabilities(m, list(images), val["image_id"].tolist(), classes) for m in counters]
+        # the ensemble at temperature 1 (the mean Ensemble.calibrated takes): what calibration is fitted on
+        probs = np.mean(per_member, axis=0)
+        ok = ~np.isnan(probs).any(axis=1) & val["count"].isin(classes).to_numpy() & unseen(val, sources)
         y = val["count"].map({c: i for i, c in enumerate(classes)}).to_numpy()[ok]
-        with start_step("ensemble", args, f"ensemble of {len(uris)}") as run:
+        with start_step("ensemble", vars(args), f"ensemble of {len(uris)}") as run:
             mlflow.set_tag("bincounter.members", ",".join(s["run_id"] for s in sources))
             accuracy = lambda p: float(np.mean(decide(p[ok], config["decision"]) == y))  # noqa: E731
             mlflow.log_metrics({"members": len(uris), "val_accuracy": accuracy(probs),
-                                **{f"member_{i}_val_accuracy": accuracy(p) for i, (p, _) in enumerate(per_member)}})
-            trust = calibration.fit_and_log(probs[ok], y, classes, config["decision"], args)
-            serving.log_ensemble(dirs, {**config, **trust.config()}, images[0])
+                                **{f"member_{i}_val_accuracy": accuracy(p) for i, p in enumerate(per_member)}})
+            trust = calibration.fit_and_log(probs[ok], y, classes, config["decision"], trust_targets(vars(args)))
+            example = next(b for b, e in zip(images, read_errors) if e is None)
+            serving.log_ensemble(dirs, {**config, **trust.config()}, example)
             print(f"ensemble: run {run.info.run_id}, {len(uris)} members, val_accuracy {accuracy(probs):.3f} "
-                  f"(members {', '.join(f'{accuracy(p):.3f}' for p, _ in per_member)})")
+                  f"(members {', '.join(f'{accuracy(p):.3f}' for p in per_member)})")
             return run.info.run_id
 
 

@@ -18,6 +18,8 @@ of accuracy, RMSE and MAE); the overall `test_*` figures stay those of all bins.
 `source` column.
 `tta`, `decision`, `calibrated` and `target_mix` override the model's own settings: several ways of answering
 scored on one model.
+
+`read_threads` was called `workers`: the old name is accepted until the next release.
 """
 from __future__ import annotations
 
@@ -31,12 +33,14 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from tqdm import tqdm
 
-from bincounter import calibration, entry, metrics, serving
+from bincounter import calibration, entry, metrics, priors, serving
+from bincounter.figures import table_figures
 from bincounter.manifest import read_manifest, source_groups, write_csv
 from bincounter.model import DECISIONS
-from bincounter.runs import download, download_uri, finished_run, start_step, str2bool, whole
+from bincounter.predict import predict_manifest
+from bincounter.runs import download_uri, finished_run, read_split, start_step
+from steps.options import optional, renamed_option, resolve_renamed, str2bool, target_mix, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,14 +49,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split_run_id", default="", help="score its test split (baseline from its train split)")
     p.add_argument("--manifest", default="", help="or score any manifest (a file or `runs:/.../manifest.csv`)")
     p.add_argument("--batch_size", type=whole, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=whole, default=2, help="threads reading images")
+    renamed_option(p, "read_threads", "workers", type=whole, default=2, help="threads reading images")
     p.add_argument("--tta", default="", choices=["", "true", "false"],
                    help="empty: as the model was trained; true/false: with or without test-time augmentation")
     p.add_argument("--decision", default="", choices=["", *DECISIONS],
                    help="empty: as the model was trained; argmax or median: that rule instead")
     p.add_argument("--calibrated", type=str2bool, default=True,
                    help="false: score the model's raw probabilities (temperature 1), to see what calibration buys")
-    p.add_argument("--target_mix", type=calibration.mix_option, default="",
+    p.add_argument("--target_mix", type=optional(target_mix), default=None,
                    help="empty: as the model was trained; train (no prior correction), natural (ABID's mix of counts "
                         "1-5) or shares of every count like 1:0.12,2:0.22,3:0.26,4:0.23,5:0.17: the mix of counts "
                         "the answers are moved to")
@@ -62,67 +66,44 @@ def get_args_parser() -> argparse.ArgumentParser:
 SOURCE = "source"  # the manifest's column naming where each bin came from (ingest's folder)
 
 
-def score(counter: serving.BinCounter, df: pd.DataFrame, batch_size: int, workers: int) -> pd.DataFrame:
-    """Manifest rows -> predictions table (image_id, count, [source, when the rows hold several,] predicted,
-    confidence, p_*, error).
-    An unreadable image gets an error and no prediction; it does not stop the others."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def read(path):
-        try:
-            return Path(path).read_bytes()
-        except OSError as e:
-            return e
-
+def score(counter: serving.BaseCounter, df: pd.DataFrame, settings: serving.Settings, read_threads: int) -> pd.DataFrame:
+    """Manifest rows -> the predictions table (predict.predict_manifest) beside the truth: image_id, count (the
+    true one), [source, when the rows hold several,] predicted, confidence, review, p_*, error. An unreadable
+    image gets an error and no prediction; it does not stop the others."""
+    table = predict_manifest(counter, df, settings, read_threads).rename(columns={"count": "predicted"})
+    table.insert(1, "count", df["count"].to_numpy())
     groups = source_groups(df)  # a local folder's name; an S3 bucket or the generator for per-object URIs
-    tables = []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in tqdm(range(0, len(df), batch_size), desc="evaluate", mininterval=5):
-            part = df.iloc[start:start + batch_size]
-            raw = list(pool.map(read, part["path"]))
-            names = part["image_id"].tolist()
-            images = [b if isinstance(b, bytes) else b"" for b in raw]
-            probs, errors = counter.probabilities(images, names)
-            errors = [f"{n}: cannot read {p} ({b})" if not isinstance(b, bytes) else e
-                      for n, p, b, e in zip(names, part["path"], raw, errors)]
-            t = counter.table(probs).rename(columns={"count": "predicted"})
-            t.insert(0, "image_id", names)
-            t.insert(1, "count", part["count"].to_numpy())
-            if groups.nunique() > 1:
-                t.insert(2, SOURCE, groups.loc[part.index].to_numpy())
-            t["error"] = errors
-            tables.append(t)
-    return pd.concat(tables, ignore_index=True)
+    if groups.nunique() > 1:
+        table.insert(2, SOURCE, groups.to_numpy())
+    return table
 
 
 def main(args: argparse.Namespace) -> str:
+    resolve_renamed(args)  # read_threads was `workers`
     if bool(args.split_run_id) == bool(args.manifest):
         raise ValueError("give exactly one of split_run_id (scores its test split) or manifest")
     with tempfile.TemporaryDirectory() as tmp:
         if args.split_run_id:
             finished_run(args.split_run_id, "split")
-            test = read_manifest(download(args.split_run_id, "splits/test.csv", tmp))
-            baseline_from = read_manifest(download(args.split_run_id, "splits/train.csv", tmp))["count"]
+            test = read_split(args.split_run_id, "test", tmp)
+            baseline_from = read_split(args.split_run_id, "train", tmp)["count"]
         else:
             test = read_manifest(download_uri(args.manifest, tmp))
             baseline_from = test["count"]
         if test.empty:
             raise ValueError("nothing to evaluate: the test data is empty")
         counter = serving.load(args.model_uri)
-        if args.tta != "":
-            counter.tta = args.tta == "true"
-        if args.decision:
-            counter.decision = args.decision
-        if not args.calibrated:
-            counter.trust.temperature = 1.0
-        if args.target_mix:
-            counter.target_mix = args.target_mix  # checked against the model's counts: refused before scoring
-        with start_step("evaluate", args) as run:
-            mlflow.log_params({"target_mix_applied": calibration.describe_mix(counter.target_mix, counter.classes),
+        # how it answers: as the model was logged where these are empty (every member of an ensemble alike); a
+        # target mix it cannot take is refused here, before anything is scored
+        settings = counter.settings(serving.Settings(
+            tta=None if args.tta in ("", None) else args.tta in (True, "true"), calibrated=args.calibrated,
+            target_mix=args.target_mix or None, decision=args.decision or None, batch_size=args.batch_size))
+        with start_step("evaluate", vars(args)) as run:
+            mlflow.log_params({"target_mix_applied": priors.describe_mix(settings.target_mix, counter.classes),
                                "train_mix": "unknown" if counter.train_mix is None
-                               else calibration.format_mix(counter.classes, counter.train_mix)})
+                               else priors.format_mix(counter.classes, counter.train_mix)})
             mlflow.log_input(mlflow.data.from_pandas(test, name="test"), context="testing")
-            preds = score(counter, test, args.batch_size, args.workers)
+            preds = score(counter, test, settings, args.read_threads)
             ok = preds[preds["error"].isna()]
             mlflow.log_metric("test_unreadable", len(preds) - len(ok))
             if ok.empty:
@@ -151,7 +132,7 @@ def main(args: argparse.Namespace) -> str:
             return run.info.run_id
 
 
-def trust_figures(ok: pd.DataFrame, counter: serving.BinCounter) -> tuple[dict[str, float], tuple]:
+def trust_figures(ok: pd.DataFrame, counter: serving.BaseCounter) -> tuple[dict[str, float], tuple]:
     """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes
     (calibration.trust_metrics at the model's check threshold) -> ({test_<figure>: value}, the arrays they were
     computed from); no figures without such bins."""
@@ -164,7 +145,7 @@ def trust_figures(ok: pd.DataFrame, counter: serving.BinCounter) -> tuple[dict[s
     return {f"test_{k}": v for k, v in out.items()}, arrays
 
 
-def log_trust(ok: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]:
+def log_trust(ok: pd.DataFrame, counter: serving.BaseCounter) -> dict[str, float]:
     """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes:
     logs `test_ece`, `test_nll`, `test_brier`, selective accuracy of the 25 % / 50 % most confident counts, the
     inventory check as a detector at the model's check threshold (`test_check_*`) and at a threshold catching 90 %
@@ -178,25 +159,18 @@ def log_trust(ok: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]
     return out
 
 
-def source_figures(preds: pd.DataFrame, counter: serving.BinCounter) -> dict[str, float]:
+def source_figures(preds: pd.DataFrame, counter: serving.BaseCounter) -> dict[str, float]:
     """One group of scored bins (a predictions table) -> the figures evaluate logs for all bins, by the same
-    functions: size, unreadable, accuracy, rmse, mae, within1_accuracy (metrics.count_metrics), accuracy per
-    true count (metrics.per_class_table's recall, counts present only), the trust figures (trust_figures).
-    Keys without the `test_` prefix."""
+    functions: size, unreadable, and figures.table_figures at the model's check threshold (accuracy, rmse, mae,
+    within1_accuracy, accuracy per true count, the trust figures). Keys without the `test_` prefix."""
     ok = preds[preds["error"].isna()]
     out = {"size": len(ok), "unreadable": len(preds) - len(ok)}
     if ok.empty:
         return out
-    out.update(metrics.count_metrics(ok["count"], ok["predicted"]))
-    per_count = metrics.per_class_table(ok["count"], ok["predicted"], counter.classes)
-    out.update({f"accuracy_count_{c}": float(r) for c, r, n in
-                zip(per_count["count"], per_count["recall"], per_count["support"]) if n > 0})
-    trust, _ = trust_figures(ok, counter)
-    out.update({k.removeprefix("test_"): v for k, v in trust.items()})
-    return out
+    return {**out, **table_figures(ok, counter.classes, counter.trust.check_threshold)}
 
 
-def log_per_source(preds: pd.DataFrame, counter: serving.BinCounter, out: Path) -> pd.DataFrame:
+def log_per_source(preds: pd.DataFrame, counter: serving.BaseCounter, out: Path) -> pd.DataFrame:
     """Every source's figures (source_figures) as `<source>/test_<figure>` metrics (the name made MLflow-legal,
     metrics.metric_prefixes) with `<source>/test_accuracy_se`, and `per_source.csv`: a row per source and one
     for all bins (source `(all)`, figures as the overall `test_*`), with bootstrap standard errors of accuracy,

@@ -1,7 +1,7 @@
 """hpo: hyperopt TPE search over lr, batch size, weight decay, optimizer, freeze, the transfer levers
-freeze_epochs, backbone_lr, bn, trainable_blocks, and the regularisers ema and mixup (bincounter.hpo.SEARCH_SPACE,
-narrowed by space_for). Every trial trains with the same levers for few images (label_smoothing, augment,
-warmup_epochs, tta, decision, start_size, ...).
+freeze_epochs, backbone_lr, bn, trainable_blocks, and the regularisers ema and mixup
+(bincounter.search_space.SEARCH_SPACE, narrowed by space_for). Every trial trains with the same levers for few
+images (label_smoothing, augment, warmup_epochs, tta, decision, start_size, ...).
 
 Reads: a FINISHED split run's `splits/train.csv` (a stratified `subset` of it per trial), `splits/val.csv` (the
 selection metric) and `classes`; never the test split.
@@ -26,10 +26,13 @@ import tempfile
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from bincounter import hpo, trainer
-from bincounter import entry
-from bincounter.runs import start_step, whole
-from bincounter.training import MONITORS, TrainConfig
+from bincounter import entry, hpo
+from bincounter.runs import load_split, start_step
+from bincounter.search_space import space_for
+from bincounter.train_config import MONITORS, TrainConfig
+from steps import options
+from steps import train as train_step
+from steps.options import add_lever_options, add_model_options, add_sagemaker_options, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,20 +45,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=TrainConfig.monitor,
                    help=f"selection metric, one of {', '.join(MONITORS)} (rmse, mae, loss minimised; the others "
                         "maximised); each trial also keeps its best epoch by it")
-    trainer.add_model_options(p)  # the train step's, passed through to every trial
-    trainer.add_lever_options(p)
+    add_model_options(p)  # the train step's, passed through to every trial
+    add_lever_options(p)
     p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
                    help="local, or sagemaker: every trial a SageMaker training job (docs/sagemaker.md)")
     p.add_argument("--parallel_trials", type=whole, default=1,
                    help="trials running at once; more than 1 needs backend=sagemaker")
-    trainer.add_sagemaker_options(p)
+    add_sagemaker_options(p)
     return p
 
 
 # the train step's parameters that every trial takes from this step
 FIXED = ("split_run_id", "epochs", "arch", "weights", "image_size", "max_steps", "workers", "data_path", "seed",
-         *trainer.lever_names())
-NOT_SETTINGS = ("workers", "parallel_trials", *trainer.SAGEMAKER_OPTS)
+         *options.lever_names())
+NOT_SETTINGS = ("workers", "parallel_trials", *options.SAGEMAKER_OPTS)
 
 
 def trial_runner(args: argparse.Namespace, settings, train_args: argparse.Namespace, make_config, classes,
@@ -66,7 +69,7 @@ def trial_runner(args: argparse.Namespace, settings, train_args: argparse.Namesp
     key = f"best_{args.metric}"
 
     def run(number: int, params: dict, child_id: str) -> float:
-        job = {**trainer.job_params(train_args, make_config(params)), "hpo_trial": True}
+        job = {**options.job_params(vars(train_args), make_config(params)), "hpo_trial": True}
         sagemaker_jobs.submit_and_wait(settings, job, child_id, classes, train_df, val_df, staged=staged,
                                        log=lambda m: print(f"hpo: trial {number}: {m}", flush=True))
         metrics = MlflowClient().get_run(child_id).data.metrics
@@ -82,18 +85,18 @@ def main(args: argparse.Namespace) -> str:
     if args.parallel_trials < 1 or (args.parallel_trials > 1 and args.backend != "sagemaker"):
         raise ValueError(f"parallel_trials must be at least 1, and more than 1 needs backend=sagemaker; "
                          f"got {args.parallel_trials} with backend={args.backend}")
-    sm = trainer.sagemaker_settings(args).validate() if args.backend == "sagemaker" else None
+    sm = options.sagemaker_settings(vars(args)).validate() if args.backend == "sagemaker" else None
     with tempfile.TemporaryDirectory() as tmp:
-        classes, train_df, val_df = trainer.load_split(args.split_run_id, tmp)
+        classes, train_df, val_df = load_split(args.split_run_id, tmp)
         # a trial is configured exactly as the train step would be with these fixed parameters and its draws
-        train_args = trainer.get_args_parser().parse_args([f"--{k}={getattr(args, k)}" for k in FIXED]
-                                                        + [f"--monitor={args.metric}"])
-        trainer.config_from(train_args, classes)  # validates the fixed parameters
+        train_args = train_step.get_args_parser().parse_args(
+            [f"--{k}={options.param_text(getattr(args, k))}" for k in FIXED] + [f"--monitor={args.metric}"])
+        options.train_config(vars(train_args), classes)  # validates the fixed parameters
 
         def make_config(draws: dict):
-            return trainer.config_from(train_args, classes, **draws)
+            return options.train_config(vars(train_args), classes, **draws)
 
-        with start_step("hpo", args) as run:
+        with start_step("hpo", vars(args)) as run:
             mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
             runner = None
             if sm:
@@ -107,7 +110,7 @@ def main(args: argparse.Namespace) -> str:
                        subset=args.subset, seed=args.seed,
                        # workers and where the trials run: speed only (parallel_trials: search adds it when > 1)
                        settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
-                       space=hpo.space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed)),
+                       space=space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed)),
                                            args.epochs),
                        parallel=args.parallel_trials, trial_runner=runner)
             return run.info.run_id

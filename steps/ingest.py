@@ -11,6 +11,8 @@ input (context `ingest`), metrics ingested, rejected, rejected_<reason>, count_<
 not_downloaded (images: they add up to the number listed), metadata_downloaded, temp_files_removed,
 duplicate_ids, label_conflicts (labels.csv and metadata disagree: the metadata's count is used), and per source
 ingested_<source> and rejected_<source>. Images live in the cache (`--cache_dir`), see bincounter.ingest.
+
+`cache_size` was called `image_size` and `downloads` `workers`: the old names are accepted until the next release.
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ from PIL import Image
 from bincounter import abid, entry, synthetic
 from bincounter.ingest import ingest_many, label_conflicts
 from bincounter.manifest import write_csv
-from bincounter.runs import download_uri, start_step, whole
+from bincounter.runs import download_uri, start_step
 from bincounter.sources import S3Source, SyntheticSource, all_labels, local_folders, locate
 from bincounter.transforms import read_image
+from steps.options import renamed_option, resolve_renamed, whole
 
 SOURCES = ("s3", "local", "synthetic")
 SAMPLES = 24  # images on the contact sheet
@@ -53,16 +56,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint_url", default="", help="S3 endpoint override (e.g. a local emulator)")
     p.add_argument("--limit", type=whole, default=0, help="ingest only this many (a seeded random pick); 0 = all")
     p.add_argument("--num_images", type=whole, default=1000, help="source=synthetic: how many bins to draw")
-    p.add_argument("--image_size", type=whole, default=256, help="short side of the cached images, pixels")
+    renamed_option(p, "cache_size", "image_size", type=whole, default=256,
+                   help="short side of the cached images, pixels")
     p.add_argument("--count_min", type=whole, default=1, help="smaller counts are rejected")
     p.add_argument("--count_max", type=whole, default=5, help="larger counts are rejected")
-    p.add_argument("--workers", type=whole, default=16, help="concurrent downloads")
+    renamed_option(p, "downloads", "workers", type=whole, default=16, help="concurrent downloads")
     p.add_argument("--seed", type=whole, default=42, help="seeds `limit` and the synthetic bins")
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the first bad parameter (before anything is fetched)."""
+    """Raise ValueError naming the first bad parameter (before anything is fetched); settles the old names."""
+    resolve_renamed(args)
     if args.source not in SOURCES:
         raise ValueError(f"source: unknown source {args.source!r} (expected one of {', '.join(SOURCES)})")
     if args.source == "local":
@@ -73,10 +78,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"count_min: must be 0 or more, got {args.count_min}")
     if args.count_min > args.count_max:
         raise ValueError(f"count_min {args.count_min} is above count_max {args.count_max}")
-    if args.image_size < 32:
-        raise ValueError(f"image_size: must be at least 32 pixels, got {args.image_size}")
-    if args.workers < 1:
-        raise ValueError(f"workers: must be at least 1, got {args.workers}")
+    if args.cache_size < 32:
+        raise ValueError(f"cache_size: must be at least 32 pixels, got {args.cache_size}")
+    if args.downloads < 1:
+        raise ValueError(f"downloads: must be at least 1, got {args.downloads}")
     if args.limit < 0:
         raise ValueError(f"limit: must be 0 (all) or more, got {args.limit}")
     if args.source == "synthetic" and args.num_images < 1:
@@ -88,22 +93,20 @@ def check_args(args: argparse.Namespace) -> None:
 def make_sources(args: argparse.Namespace) -> list:
     """The sources to read, in order: one for s3 and synthetic, one per data_dir folder for local."""
     if args.source == "s3":
-        return [S3Source(args.bucket, args.endpoint_url or None, args.workers)]
+        return [S3Source(args.bucket, args.endpoint_url or None, args.downloads)]
     if args.source == "local":
         return local_folders(args.data_dir)
-    return [SyntheticSource(args.num_images, args.count_min, args.count_max, args.seed, args.image_size)]
+    return [SyntheticSource(args.num_images, args.count_min, args.count_max, args.seed, args.cache_size)]
 
 
 def list_items(args: argparse.Namespace, sources: list) -> tuple[dict[str, int | None], dict, dict]:
     """-> ({image_id: count from the list, or None where only the metadata knows it}, {image_id: the source to
-    read it from}, {image_id: every folder that has it} for the ids taken from one of several). The items are
-    cut to `limit` by a seeded shuffle (so a limit keeps the counts' proportions), sorted by id; duplicates are
-    those of the items kept."""
+    read it from}, {image_id: every folder that has it} for the ids taken from one of several). The list: the
+    sources' own labels() for synthetic bins and `file_list=all`, else the file list. The items are cut to
+    `limit` by a seeded shuffle (so a limit keeps the counts' proportions), sorted by id; duplicates are those
+    of the items kept."""
     duplicates: dict = {}
-    if args.source == "synthetic":
-        items = sources[0].labels
-        owner = dict.fromkeys(items, sources[0])
-    elif args.file_list == "all":
+    if args.source == "synthetic" or args.file_list == "all":
         items, owner, duplicates = all_labels(sources)
         if not items:
             raise ValueError(f"data_dir: no image in {args.data_dir} has a count (no metadata, no labels.csv row)")
@@ -146,19 +149,17 @@ def contact_sheet(manifest, n: int = SAMPLES) -> Image.Image:
 
 
 def main(args: argparse.Namespace):
-    """Run the step -> (manifest, rejects, stats). Bad parameters raise SystemExit with the reason."""
-    try:
-        check_args(args)
-        sources = make_sources(args)
-        items, owner, duplicates = list_items(args, sources)
-        if args.source == "s3":  # after the local checks: this one asks the bucket
-            sources[0].check()
-    except ValueError as e:
-        raise SystemExit(f"ingest: {e}") from None
-    with start_step("ingest", args):
+    """Run the step -> (manifest, rejects, stats). A bad parameter raises ValueError naming it (before a run
+    opens), and so does a run that ingests no image (the run ends FAILED)."""
+    check_args(args)
+    sources = make_sources(args)
+    items, owner, duplicates = list_items(args, sources)
+    for source in sources:  # after the local checks: an S3 source asks the bucket
+        source.check()
+    with start_step("ingest", vars(args)):
         # labels.csv (file_list=all) counts give way to the metadata's; a file list's mismatch is a reject
-        manifest, rejects, stats = ingest_many(by_source(items, owner), args.cache_dir, args.image_size,
-                                               (args.count_min, args.count_max), args.workers, duplicates,
+        manifest, rejects, stats = ingest_many(by_source(items, owner), args.cache_dir, args.cache_size,
+                                               (args.count_min, args.count_max), args.downloads, duplicates,
                                                metadata_wins=args.file_list == "all")
         mlflow.log_metrics(stats)
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +178,7 @@ def main(args: argparse.Namespace):
                       f"{r.image_id} ({r.source}): labels {r.listed}, metadata {r['count']}"
                       for _, r in conflicts.head(3).iterrows()))
         if manifest.empty:
-            raise SystemExit(f"ingest: no image was ingested ({stats['rejected']} rejected, see rejects.csv)")
+            raise ValueError(f"no image was ingested ({stats['rejected']} rejected, see rejects.csv)")
         with warnings.catch_warnings():
             # MLflow hints that int columns cannot hold missing values (none here) and that a local path
             # could be read two ways (it picks the local artifact source, which is right)

@@ -22,80 +22,90 @@ import shlex
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from bincounter import trainer
 from bincounter import entry
-from bincounter.model import ARCHS
-from bincounter.runs import create_project_run, start_step, str2bool, whole
-from bincounter.training import MONITORS, TUNABLE, TrainConfig
+from bincounter.runs import create_project_run, start_step
+from bincounter.train_config import MONITORS, TUNABLE, TrainConfig
+from steps import hpo as hpo_step
+from steps import ingest as ingest_step
+from steps import options
+from steps import register as register_step
+from steps import train as train_step
+from steps.options import add_like, optional, str2bool
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_PARAMS = {name: e.get("parameters", {}) for name, e in
-                yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items()}
-# train's parameters that main passes on (empty: train's own default, its MLproject default)
-LEVERS = (*TUNABLE, *trainer.lever_names(), "data_path", "calibrate", "target_accuracy", "max_review",
+# train's parameters that main passes on (not given: train's own default)
+LEVERS = (*TUNABLE, *options.lever_names(), "data_path", "calibrate", "target_accuracy", "max_review",
           "target_catch", "target_mix")
 
 
+def step_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The parsers of the steps main runs whose options it takes over (their defaults are main's)."""
+    return {"ingest": ingest_step.get_args_parser(), "hpo": hpo_step.get_args_parser(),
+            "train": train_step.get_args_parser(), "register": register_step.get_args_parser()}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    steps = step_parsers()
+    ingest, hpo, train = steps["ingest"], steps["hpo"], steps["train"]
     p = argparse.ArgumentParser(prog="main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="s3", choices=["s3", "local", "synthetic"],
-                   help="s3: the ABID bucket; local: a folder in its layout; synthetic: generated bins")
+    add_like(p, ingest, "source", choices=list(ingest_step.SOURCES),
+             help="s3: the ABID bucket; local: a folder in its layout; synthetic: generated bins")
     p.add_argument("--labels", default="", help="run select on this label index (or `s3`) and ingest its list")
-    p.add_argument("--file_list", default="file_list.json", help="ingest this list when `labels` is empty")
-    p.add_argument("--data_dir", default="", help="source=local: the folder, or several, comma-separated (as ingest)")
-    p.add_argument("--cache_dir", default="data", help="the local image cache")
-    p.add_argument("--num_images", type=whole, default=1000, help="source=synthetic: how many bins to draw")
-    p.add_argument("--limit", type=whole, default=0, help="ingest only this many (a seeded random pick); 0 = all")
-    p.add_argument("--count_min", type=whole, default=1, help="smallest count (class)")
-    p.add_argument("--count_max", type=whole, default=5, help="largest count (class)")
-    p.add_argument("--max_evals", type=whole, default=8, help="hpo trials; 0 skips hpo")
-    p.add_argument("--hpo_epochs", type=whole, default=1, help="epochs per hpo trial (keep `warmup_epochs` below it)")
-    p.add_argument("--epochs", type=whole, default=10, help="most training epochs (early stopping may end sooner)")
-    p.add_argument("--patience", type=whole, default=TrainConfig.patience,
-                   help="epochs without a better `monitor` before training stops; 0 = never (the best epoch is kept "
-                        "either way)")
-    p.add_argument("--arch", default="resnet50", choices=list(ARCHS),
-                   help="the EfficientNet-Lites have ImageNet weights offline")
-    p.add_argument("--weights", default="imagenet", help="imagenet, none, a state-dict file or a model URI")
-    p.add_argument("--image_size", type=whole, default=224, help="training and serving resolution")
-    p.add_argument("--max_steps", type=whole, default=0, help="train batches per epoch; 0 = all")
-    p.add_argument("--workers", type=whole, default=0,
-                   help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
+    add_like(p, ingest, "file_list", help="ingest this list when `labels` is empty")
+    add_like(p, ingest, "data_dir", help="source=local: the folder, or several, comma-separated (as ingest)")
+    add_like(p, ingest, "cache_dir")
+    for name in ("num_images", "limit"):
+        add_like(p, ingest, name)
+    add_like(p, ingest, "count_min", help="smallest count (class)")
+    add_like(p, ingest, "count_max", help="largest count (class)")
+    add_like(p, hpo, "max_evals", help="hpo trials; 0 skips hpo")
+    add_like(p, hpo, "epochs", "hpo_epochs", help="epochs per hpo trial (keep `warmup_epochs` below it)")
+    add_like(p, train, "epochs", help="most training epochs (early stopping may end sooner)")
+    add_like(p, train, "patience", help="epochs without a better `monitor` before training stops; 0 = never (the best "
+                                        "epoch is kept either way)")
+    add_like(p, train, "arch", help="the EfficientNet-Lites have ImageNet weights offline")
+    add_like(p, train, "weights", help="imagenet, none, a state-dict file or a model URI")
+    add_like(p, train, "image_size", help="training and serving resolution")
+    add_like(p, train, "max_steps", help="train batches per epoch; 0 = all")
+    add_like(p, train, "workers", help="data-loading processes; 0 = in the training process (best on a 2-core CPU)")
     p.add_argument("--monitor", default=TrainConfig.monitor, choices=list(MONITORS),
                    help="what hpo selects on and training keeps its best epoch by")
-    p.add_argument("--model_name", default="bin-counter", help="registered model name")
-    p.add_argument("--seed", type=whole, default=42, help="seeds everything")
+    add_like(p, steps["register"], "name", "model_name", help="registered model name")
+    add_like(p, train, "seed", help="seeds everything")
     p.add_argument("--refit", type=str2bool, default=False,
                    help="after train, train again with its settings and best epoch count on train + validation "
                         "(train's refit_of); the refit is evaluated and registered")
     g = p.add_argument_group("train's levers, passed to train (and hpo where it takes them); empty: train's default")
-    for name in LEVERS:
-        g.add_argument(f"--{name}", default="",
-                       help="as train" + (", and to every hpo trial" if name in ENTRY_PARAMS["hpo"] else ""))
+    hpo_takes = {a.dest for a in hpo._actions}
+    for name in LEVERS:  # train's type, read when given; None (not given): the step's own default
+        kind = next(a.type for a in train._actions if a.dest == name)
+        add_like(g, train, name, type=optional(kind or str), default=None, choices=None,
+                 help="as train" + (", and to every hpo trial" if name in hpo_takes else ""))
     return p
 
 
-def lever_params(entry_point: str, args: argparse.Namespace) -> dict:
-    """The levers `entry_point` (train or hpo) declares: the given value, else its MLproject default (so that
-    reuse compares them too)."""
-    params = ENTRY_PARAMS[entry_point]
-    return {k: getattr(args, k) if getattr(args, k) != "" else params[k]["default"] for k in LEVERS if k in params}
+def lever_params(entry_point: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The levers `entry_point` (train or hpo, whose parser is `parser`) declares, as parameter text: the given
+    value, else the step's own default (so that reuse compares them too)."""
+    defaults = {a.dest: a.default for a in parser._actions if a.option_strings}
+    return {k: options.param_text(defaults[k] if getattr(args, k) is None else getattr(args, k))
+            for k in LEVERS if k in defaults}
 
 
 def check_training(args: argparse.Namespace) -> None:
     """ValueError (or argparse's exit) for parameters that train, or an hpo trial, would refuse."""
+    steps = step_parsers()
     classes = list(range(args.count_min, args.count_max + 1))
     fixed = [f"--{k}={getattr(args, k)}" for k in ("arch", "weights", "image_size", "max_steps", "seed")]
     runs = [("train", args.epochs)] + ([("hpo", args.hpo_epochs)] if args.max_evals > 0 else [])
     for entry_point, epochs in runs:
-        given = [f"--{k}={v}" for k, v in lever_params(entry_point, args).items()]
-        train_args = trainer.get_args_parser().parse_args(["--split_run_id=", f"--epochs={epochs}", *fixed, *given])
+        given = [f"--{k}={v}" for k, v in lever_params(entry_point, args, steps[entry_point]).items()]
+        train_args = steps["train"].parse_args(["--split_run_id=", f"--epochs={epochs}", *fixed, *given])
         try:
-            trainer.config_from(train_args, classes)
+            options.train_config(vars(train_args), classes)
         except ValueError as e:
             raise ValueError(f"{entry_point} with epochs={epochs}: {e}") from None
 
@@ -151,7 +161,8 @@ def get_or_run(entry_point: str, parameters: dict, experiment_id: str) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, str]:
     check_training(args)  # before any step runs
-    with start_step("main", args) as run:
+    steps = step_parsers()
+    with start_step("main", vars(args)) as run:
         exp = run.info.experiment_id
         ids: dict[str, str] = {}
 
@@ -172,10 +183,11 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         split = step("split", dict(ingest_run_id=ingest, seed=args.seed))
         fixed = dict(arch=args.arch, weights=args.weights, image_size=args.image_size, max_steps=args.max_steps,
                      workers=args.workers, seed=args.seed)
-        hpo = step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs,
-                               metric=args.monitor, **fixed, **lever_params("hpo", args))) if args.max_evals > 0 else ""
+        hpo = (step("hpo", dict(split_run_id=split, max_evals=args.max_evals, epochs=args.hpo_epochs,
+                                metric=args.monitor, **fixed, **lever_params("hpo", args, steps["hpo"])))
+               if args.max_evals > 0 else "")
         train = step("train", dict(split_run_id=split, hpo_run_id=hpo, epochs=args.epochs, patience=args.patience,
-                                   monitor=args.monitor, **fixed, **lever_params("train", args)))
+                                   monitor=args.monitor, **fixed, **lever_params("train", args, steps["train"])))
         step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split))
         if args.refit:
             train = step("train", dict(split_run_id=split, refit_of=train), key="refit")

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from bincounter import registry
 from bincounter import entry
-from bincounter.runs import finished_run, start_step, str2bool
+from bincounter.runs import finished_run, start_step
+from steps.options import str2bool
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def main(args: argparse.Namespace) -> str:
         raise ValueError("metric must not be empty")
     if args.run_id:
         check_has_model(args.run_id)
-    with start_step("register", args) as run:
+    with start_step("register", vars(args)) as run:
         candidate = registry.choose(args.run_id, args.metric, run.info.experiment_id)
         mv = registry.register(candidate, args.name)
         promote, reason = registry.gate(args.name, mv, candidate, args.metric, args.min_delta, args.force)

@@ -20,9 +20,11 @@ from pathlib import Path
 import mlflow
 import torch.distributed as dist
 
-from bincounter import entry, trainer
+from bincounter import entry
 from bincounter.manifest import read_manifest
 from bincounter.training import train_run
+from steps import options
+from steps import train as train_step
 
 
 def channel_frames() -> tuple[list[int], dict]:
@@ -38,7 +40,7 @@ def channel_frames() -> tuple[list[int], dict]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = trainer.get_args_parser(__doc__)
+    p = train_step.get_args_parser(__doc__)
     p.add_argument("--mlflow_run_id", default="")
     p.add_argument("--hpo_trial", default="false", help="true: an hpo trial (no model; bincounter.hpo scores it)")
     args, unknown = p.parse_known_args(argv)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> str:
         os.environ["MLFLOW_RUN_ID"] = run_id
     args.backend = "local"
     classes, frames = channel_frames()
-    cfg = trainer.config_from(args, classes)
+    cfg = options.train_config(vars(args), classes)
     try:
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other processes: train their share, log nothing
             train_run(cfg, frames["train"], frames["val"], resume=args.resume)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> str:
             with mlflow.start_run(run_id=run_id):
                 train_run(cfg, frames["train"], frames["val"], resume=True)
             return run_id
-        return trainer.fit_and_log(args, cfg, frames["train"], frames["val"])
+        return train_step.fit_and_log(args, cfg, frames["train"], frames["val"])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,7 +4,7 @@ Reads: `input` (a folder, an s3:// prefix such as s3://aft-vbi-pds/bin-images/, 
 runs:/<ingest run>/manifest.csv or a file), the model `model_uri`, and with `expected` (a metadata folder or
 s3:// prefix, or a CSV image_id,expected_quantity) the quantities to check against.
 Writes: `output`, a folder: scores.parquet/ (scores.csv/ with csv=true), one row per photo, and score.json;
-a rerun replaces it as a whole (bincounter/score.py).
+a rerun replaces it as a whole (bincounter/score.py, bincounter/spark_job.py).
 Logs: metrics images, scored, unreadable (photos), images_per_s, seconds; with `expected` flagged and
 reconcile's summary: bins_checked, bins_flagged, agreement_rate and a count per status (its `unreadable` as
 bins_unreadable); tags bincounter.output, spark.master, spark.default_parallelism, spark.partitions; the
@@ -21,16 +21,9 @@ import argparse
 
 import mlflow
 
-from bincounter import entry, score
-from bincounter.runs import start_step, str2bool, whole
-
-
-def optional_float(v: str) -> float | None:
-    """'' -> None (the default applies), '0.2' -> 0.2; a clear argparse error otherwise."""
-    try:
-        return None if v == "" else float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or nothing, got {v!r}") from None
+from bincounter import entry, score, spark_job
+from bincounter.runs import start_step
+from steps.options import optional, str2bool, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=str2bool, default=False, help="also write `scores.csv/`")
     p.add_argument("--expected", default="", help="run the inventory check against this metadata folder, "
                                                   "an s3:// metadata prefix or a CSV `image_id,expected_quantity`")
-    p.add_argument("--threshold", type=optional_float, default=None,
+    p.add_argument("--threshold", type=optional(float), default=None,
                    help="flag a bin when p(expected quantity) is below this; empty: the model's own threshold "
                         "(as `bincounter reconcile`)")
     p.add_argument("--spark_master", default="local[*]",
@@ -67,10 +60,10 @@ def main(args: argparse.Namespace) -> dict:
     photos = score.list_photos(args.input, args.limit)
     model = score.check_model(args.model_uri)
     threshold = model.check_threshold if args.threshold is None else args.threshold
-    expected = score.read_expected(args.expected, threshold) if args.expected else None
-    spark = score.spark_session(args.spark_master, args.batch_size)
-    score.OutputFolder(spark, args.output).check()
-    with start_step("score", args, name=f"score {len(photos.rows)} photos"):
+    expected = score.expectations(args.expected, threshold) if args.expected else None
+    spark = spark_job.spark_session(args.spark_master, args.batch_size)
+    spark_job.OutputFolder(spark, args.output).check()
+    with start_step("score", vars(args), name=f"score {len(photos.rows)} photos"):
         stats = score.score(spark, photos, model, args.output, args.partitions, args.csv, expected)
         mlflow.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))})
         if expected:  # reconcile's figures under its names; its `unreadable` counts bins, beside ours (photos)

@@ -16,7 +16,8 @@ from pathlib import Path
 import mlflow
 
 from bincounter import abid, entry
-from bincounter.runs import csv_ints, start_step, whole
+from bincounter.runs import start_step
+from steps.options import csv_ints, whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> dict[int, list[str]]:
     else:
         labels = abid.read_label_index(args.labels)
     selection = abid.select_subset(labels, quotas, args.seed)
-    with start_step("select", args):
+    with start_step("select", vars(args)):
         for c, ids in selection.items():
             mlflow.log_metric(f"selected_{c}", len(ids))
             if len(ids) < quotas[c]:

@@ -22,7 +22,8 @@ import pandas as pd
 from bincounter import entry, metrics
 from bincounter.manifest import (check_fractions, metric_key, read_manifest, source_groups, source_table,
                                  stratified_split, write_csv)
-from bincounter.runs import download, finished_run, start_step, whole
+from bincounter.runs import download, finished_run, start_step
+from steps.options import whole
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,7 @@ def keep_sources(splits: dict[str, pd.DataFrame], sources: str) -> dict[str, pd.
 def main(args: argparse.Namespace) -> str:
     check_fractions(args.train_frac, args.val_frac, args.test_frac)
     ingest = finished_run(args.ingest_run_id, "ingest")
-    with start_step("split", args) as run, tempfile.TemporaryDirectory() as tmp:
+    with start_step("split", vars(args)) as run, tempfile.TemporaryDirectory() as tmp:
         df = read_manifest(download(args.ingest_run_id, "manifest.csv", tmp))
         if df.empty:
             raise ValueError(f"ingest run {args.ingest_run_id} has an empty manifest: nothing to split")

@@ -24,31 +24,69 @@ import tempfile
 
 import mlflow
 
-from bincounter import entry, trainer
-from bincounter.runs import finished_run, run_name, start_step
+from bincounter import entry, priors, train_log
+from bincounter.runs import finished_run, load_split, run_name, start_step
+from steps import options
+from steps.options import (add_calibration_options, add_config_option, add_lever_options, add_model_options,
+                           add_monitor_option, add_sagemaker_options, add_tunable_options, fraction, str2bool)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    return trainer.get_args_parser(__doc__)
+def get_args_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The train step's options (also what a SageMaker training job parses, with its own `description`)."""
+    p = argparse.ArgumentParser(prog="train", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split_run_id", required=True, help="a FINISHED split run")
+    p.add_argument("--hpo_run_id", default="", help="take lr, batch_size, ... from this hpo run's best trial")
+    add_config_option(p, "epochs", "most epochs (early stopping may end sooner)")
+    add_tunable_options(p)
+    add_model_options(p)
+    add_config_option(p, "patience", "epochs without a better monitor before stopping; 0 = never")
+    add_monitor_option(p)
+    p.add_argument("--resume", type=str2bool, default=True, help="continue from this run's checkpoint if it has one")
+    add_lever_options(p)
+    g = p.add_argument_group("refit: the final model on every labelled bin outside the test split")
+    g.add_argument("--refit_of", default="",
+                   help="a FINISHED train run on the same split whose validation chose the settings: train again with "
+                        "its settings for its best epoch count on train + validation (no early stopping), keeping "
+                        "`calibration_frac` of the validation split back to calibrate; tag `bincounter.refit_of`")
+    g.add_argument("--calibration_frac", type=fraction, default=0.5,
+                   help="refit: the share of the validation split kept back to fit the temperature and thresholds")
+    add_calibration_options(p)
+    p.add_argument("--target_mix", type=options.target_mix, default=priors.TRAIN_MIX,
+                   help="the mix of counts the model answers for, kept in its config (evaluate, predict and "
+                        "reconcile may override it): train (as trained, no correction), natural (ABID's mix of "
+                        "counts 1-5) or shares of every count like 1:0.12,2:0.22,3:0.26,4:0.23,5:0.17; the "
+                        "probabilities are divided by the training mix and multiplied by this one")
+    p.add_argument("--backend", default="local", choices=["local", "sagemaker"],
+                   help="local: train here; sagemaker: the same training as a SageMaker training job "
+                        "(docs/sagemaker.md)")
+    add_sagemaker_options(p)
+    return p
+
+
+def fit_and_log(args: argparse.Namespace, cfg, train_df, val_df) -> str:
+    """train_log.fit_and_log with this step's parsed options -> the train run's id (also the SageMaker job's)."""
+    return train_log.fit_and_log(cfg, train_df, val_df, vars(args), resume=args.resume, refit_of=args.refit_of,
+                                 target_mix=args.target_mix, targets=options.trust_targets(vars(args)))
 
 
 def main(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        classes, train_df, val_df = trainer.load_split(args.split_run_id, tmp)
+        classes, train_df, val_df = load_split(args.split_run_id, tmp)
         if args.refit_of:  # the settings and epoch count another run chose on validation, on more bins
-            args = trainer.refit_args(args)
-            train_df, val_df = trainer.refit_data(train_df, val_df, args.calibration_frac, args.seed)
+            args = options.refit_args(args, get_args_parser())
+            train_df, val_df = train_log.refit_data(train_df, val_df, args.calibration_frac, args.seed)
         hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
-        cfg = trainer.config_from(args, classes, hpo, keep_last=bool(args.refit_of))  # bad parameters fail here
+        cfg = options.train_config(vars(args), classes, hpo, keep_last=bool(args.refit_of))  # bad ones fail here
         if args.backend != "sagemaker":
-            return trainer.fit_and_log(args, cfg, train_df, val_df)
+            return fit_and_log(args, cfg, train_df, val_df)
         from bincounter import sagemaker_jobs
 
-        settings = trainer.sagemaker_settings(args).validate()  # before a run is opened and before any AWS call
-        with start_step("train", args, run_name("train", {**vars(args), "lr": cfg.lr})) as run:
+        settings = options.sagemaker_settings(vars(args)).validate()  # before a run is opened and any AWS call
+        with start_step("train", vars(args), run_name("train", {**vars(args), "lr": cfg.lr})) as run:
             mlflow.set_tag("bincounter.backend", "sagemaker")
-            mlflow.log_params(trainer.effective_params(cfg))
-            sagemaker_jobs.submit_and_wait(settings, trainer.job_params(args, cfg), run.info.run_id, classes,
+            mlflow.log_params(train_log.effective_params(cfg))
+            sagemaker_jobs.submit_and_wait(settings, options.job_params(vars(args), cfg), run.info.run_id, classes,
                                            train_df, val_df)
             print(f"train: run {run.info.run_id} trained by SageMaker job "
                   f"{mlflow.get_run(run.info.run_id).data.tags.get('bincounter.sagemaker_job')}")

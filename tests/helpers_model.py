@@ -29,7 +29,7 @@ def log_tiny_model(torch_model, example: Path, experiment_id: str | None = None)
     """Log `torch_model` as the pyfunc `model` of a new FINISHED train run (in the active experiment unless
     given) -> run id."""
     from bincounter.training import TrainConfig
-    from bincounter.trainer import log_trained_model
+    from bincounter.train_log import log_trained_model
 
     cfg = TrainConfig(arch="resnet18", weights="none", image_size=32, classes=CLASSES)
     with mlflow.start_run(experiment_id=experiment_id) as run:

@@ -12,7 +12,7 @@ from conftest import ROOT, run_entry
 from helpers_data import make_split_run
 
 from bincounter import entry
-from steps import evaluate, register, split, train
+from steps import evaluate, ingest, register, split, train
 
 MISSING = "0123456789abcdef0123456789abcdef"
 
@@ -44,8 +44,8 @@ def cases(split_id: str) -> dict:
     return {
         "wrong step": (split, ["--ingest_run_id", split_id],
                        f"split: error: ingest_run_id {split_id}: run {split_id} is a 'split' run, expected a 'ingest' run"),
-        "lr=abc": (train, ["--split_run_id", split_id, "--lr", "abc", "--weights", "none"],
-                   "train: error: lr = 'abc' is not a valid lr"),
+        "lr=-1": (train, ["--split_run_id", split_id, "--lr", "-1", "--weights", "none"],
+                  "train: error: lr must be a positive number, got -1.0"),
         "image_size=-5": (train, ["--split_run_id", split_id, "--image_size", "-5", "--weights", "none"],
                           "train: error: image_size must be at least 32, got -5"),
         "missing model": (evaluate, ["--model_uri", f"runs:/{MISSING}/model", "--split_run_id", split_id],
@@ -55,11 +55,15 @@ def cases(split_id: str) -> dict:
                                  "train or ensemble run, or an evaluate run"),
         "missing run": (register, ["--run_id", MISSING],
                         f"register: error: run_id {MISSING}: run {MISSING} not found: Run with id={MISSING} not found"),
+        "ingest count range": (ingest, ["--source", "synthetic", "--count_min", "4", "--count_max", "2"],
+                               "ingest: error: count_min 4 is above count_max 2"),
+        "ingest missing folder": (ingest, ["--source", "local", "--data_dir", "/no/such/dir"],
+                                  "ingest: error: data_dir: /no/such/dir does not exist or is not a folder"),
     }
 
 
-@pytest.mark.parametrize("case", ["wrong step", "lr=abc", "image_size=-5", "missing model", "register a split run",
-                                  "missing run"])
+@pytest.mark.parametrize("case", ["wrong step", "lr=-1", "image_size=-5", "missing model", "register a split run",
+                                  "missing run", "ingest count range", "ingest missing folder"])
 def test_wrong_parameters_fail_in_one_line(split_run, case, capsys):
     step, argv, line = cases(split_run)[case]
     with pytest.raises(SystemExit) as e:
@@ -67,6 +71,20 @@ def test_wrong_parameters_fail_in_one_line(split_run, case, capsys):
     assert e.value.code == 1
     assert error_lines(capsys.readouterr().err) == [line]
     assert mlflow.active_run() is None
+
+
+def test_an_old_parameter_name_is_accepted_with_a_notice_and_a_clash_fails_in_one_line(split_run, capsys):
+    """evaluate's read_threads was `workers` (ingest's cache_size and downloads: tests/test_ingest.py)."""
+    args = evaluate.get_args_parser().parse_args(["--model_uri", "m", "--manifest", "x", "--workers", "3"])
+    assert args.read_threads == 3
+    notice = "evaluate: warning: --workers is deprecated and goes in the next release: use --read_threads"
+    assert error_lines(capsys.readouterr().err) == [notice]
+    argv = ["--model_uri", f"runs:/{MISSING}/model", "--split_run_id", split_run, "--read_threads=4", "--workers=3"]
+    with pytest.raises(SystemExit) as e:
+        entry.run(evaluate.main, evaluate.get_args_parser(), argv)
+    assert e.value.code == 1
+    clash = "read_threads 4 and workers 3 disagree: workers is the old name of read_threads; give read_threads alone"
+    assert error_lines(capsys.readouterr().err) == [notice, f"evaluate: error: {clash}"]
 
 
 def test_every_step_runs_through_entry_run():

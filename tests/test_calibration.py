@@ -172,21 +172,23 @@ def test_a_model_logged_before_calibration_loads_with_temperature_one(tiny_model
 
 
 def trust_args(**kw) -> argparse.Namespace:
-    from bincounter.trainer import get_args_parser
+    from steps.train import get_args_parser
 
     return get_args_parser().parse_args(["--split_run_id", "x", *[f"--{k}={v}" for k, v in kw.items()]])
 
 
 @pytest.mark.parametrize("calibrate", [True, False])
 def test_train_fits_trust_on_validation_and_the_model_carries_it(tmp_path, calibrate):
-    from bincounter import serving, trainer
+    from bincounter import serving
+    from bincounter.runs import load_split
+    from steps import options, train
 
     split = make_split_run(tmp_path, n=200, size=32)  # 40 validation bins: enough for a fit
-    classes, train_df, val_df = trainer.load_split(split, str(tmp_path / "dl"))
+    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
     args = trust_args(weights="none", arch="resnet18", image_size=32, epochs=1, max_steps=2, batch_size=16,
                       calibrate=str(calibrate).lower(), target_accuracy=0.5)
-    cfg = trainer.config_from(args, classes)
-    run_id = trainer.fit_and_log(args, cfg, train_df, val_df)
+    cfg = options.train_config(vars(args), classes)
+    run_id = train.fit_and_log(args, cfg, train_df, val_df)
     run = mlflow.get_run(run_id)
     config = serving.load(f"runs:/{run_id}/model").config
     assert config["temperature"] == run.data.metrics["temperature"]
@@ -239,8 +241,8 @@ def test_the_gate_minimises_calibration_error_and_maximises_the_check_auc():
 
 
 def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path):
-    from bincounter import trainer
-    from steps import train
+    from bincounter.train_log import CALIBRATION_BINS
+    from steps import options, train
 
     split = make_split_run(tmp_path, n=100, size=32)
     base = ["--split_run_id", split, "--weights=none", "--arch=resnet18", "--image_size=32", "--max_steps=1",
@@ -268,12 +270,12 @@ def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path)
     from steps import ensemble
 
     val = read_manifest(download(split, "splits/val.csv", tmp_path / "val"))
-    held = pd.read_csv(download(run.info.run_id, trainer.CALIBRATION_BINS, tmp_path / "held"), dtype={"image_id": str})
+    held = pd.read_csv(download(run.info.run_id, CALIBRATION_BINS, tmp_path / "held"), dtype={"image_id": str})
     mask = ensemble.unseen(val, [{"run_id": source}, {"run_id": run.info.run_id}])
     assert mask.sum() == 10 and set(val["image_id"][mask]) == set(held["image_id"])
 
-    refuse = lambda **kw: trainer.refit_args(trainer.get_args_parser().parse_args(  # noqa: E731
-        [f"--{k}={v}" for k, v in {"split_run_id": split, **kw}.items()]))
+    refuse = lambda **kw: options.refit_args(train.get_args_parser().parse_args(  # noqa: E731
+        [f"--{k}={v}" for k, v in {"split_run_id": split, **kw}.items()]), train.get_args_parser())
     with pytest.raises(ValueError, match="is a 'split' run, expected a 'train' run"):
         refuse(refit_of=split)
     with pytest.raises(ValueError, match="is itself a refit"):
@@ -294,7 +296,7 @@ def test_an_ensemble_averages_calibrated_members_and_serves_like_any_model(tmp_p
     # a second member with its own input settings: another resolution and temperature
     with mlflow.start_run() as other:
         from bincounter.training import TrainConfig
-        from bincounter.trainer import log_trained_model
+        from bincounter.train_log import log_trained_model
 
         cfg = TrainConfig(arch="resnet18", weights="none", image_size=48, classes=CLASSES)
         log_trained_model({"model": tiny_model.torch_model, "best_epoch": 1}, cfg,
@@ -340,7 +342,7 @@ def test_an_ensemble_refuses_members_it_cannot_use(tmp_path, tiny_model):
         run(f"{tiny_model.run_id},{split}")
     with mlflow.start_run() as three:
         from bincounter.training import TrainConfig
-        from bincounter.trainer import log_trained_model
+        from bincounter.train_log import log_trained_model
 
         import torchvision
         net = torchvision.models.resnet18(num_classes=3)
@@ -358,7 +360,7 @@ PROMISE = {"measured_on": "validation split (40 bins)", "target_accuracy": 0.8, 
 def test_reconcile_uses_the_models_threshold_and_says_what_it_promises(tiny_model, tmp_path, capsys):
     from bincounter import cli
     from bincounter.training import TrainConfig
-    from bincounter.trainer import log_trained_model
+    from bincounter.train_log import log_trained_model
 
     with mlflow.start_run() as run:
         log_trained_model({"model": tiny_model.torch_model, "best_epoch": 1},

@@ -17,7 +17,7 @@ from aws import REGION, aws, moto_server  # noqa: F401 (fixtures)
 from conftest import SAMPLE, last_run, needs_sample
 from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
-from bincounter import cli, deploy, reconcile, serving
+from bincounter import cli, deploy, reconcile, report, serving
 
 
 def bad_files(folder: Path, tiny) -> list[Path]:
@@ -292,7 +292,7 @@ def test_a_write_that_fails_after_the_work_keeps_the_finished_table(tiny_model, 
 
     def full_disk(*_):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(reconcile, "html_report", full_disk)
+    monkeypatch.setattr(report, "html_report", full_disk)
     args = ["reconcile", "--images", str(tiny_model.images), "--expected", str(expected), "--model",
             tiny_model.model_uri, "--report", str(tmp_path / "r.html")]
     assert cli.main([*args, "--output", str(tmp_path / "bins.csv")]) == 1

@@ -102,7 +102,7 @@ def test_metric_prefixes_are_mlflow_legal_and_distinct(names, expected):
 
 
 def test_evaluate_scores_under_the_target_mix_it_is_given(tiny_model, tmp_path):
-    from bincounter.trainer import log_trained_model
+    from bincounter.train_log import log_trained_model
     from bincounter.training import TrainConfig
 
     with mlflow.start_run() as train:

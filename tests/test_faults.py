@@ -29,7 +29,7 @@ from test_hpo import FakeTraining, Killed, children, hpo_args
 
 from bincounter import hpo, training
 from bincounter.manifest import read_manifest
-from bincounter.training import TUNABLE
+from bincounter.train_config import TUNABLE
 from steps import hpo as hpo_step
 
 SEEDS = [1, 2]

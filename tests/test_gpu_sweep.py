@@ -1,7 +1,7 @@
 """bench/gpu_sweep.py with tiny settings on a CPU: it takes a sample folder along, and its one call runs the
 benches and an hpo of the Lite0 recipe on it and writes its table (what a GPU machine runs at full size); the
-wheels it carries are this venv's versions, install the way the GPU machine installs them, and a missing one
-stops the call at once, named."""
+wheels it carries (bench/gpu_bundle.py) are this venv's versions, install the way the GPU machine installs them,
+and a missing one stops the call at once, named."""
 import csv
 import json
 import os
@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
+import gpu_bundle  # noqa: E402
 import gpu_sweep  # noqa: E402
 
 from bincounter import synthetic  # noqa: E402
@@ -37,7 +38,7 @@ def bucket_folder(d, n=30):
 def test_gpu_sweep_takes_the_sample_and_writes_its_table_on_a_cpu(tmp_path):
     rows = bucket_folder(tmp_path / "src")
     dst = tmp_path / "taken"
-    assert gpu_sweep.take(tmp_path / "src", dst) == len(rows)
+    assert gpu_bundle.take(tmp_path / "src", dst) == len(rows)
     taken = {p.stem for p in (dst / "bin-images").glob("*.jpg")}
     assert taken == {i for i, _ in rows}
     with Image.open(dst / "bin-images" / f"{rows[0][0]}.jpg") as im:
@@ -62,27 +63,27 @@ def test_gpu_sweep_takes_the_sample_and_writes_its_table_on_a_cpu(tmp_path):
 
 
 def test_the_carried_wheels_are_this_venvs_versions():
-    pinned = {dist: version for dist, version, _ in gpu_sweep.PIN}
+    pinned = {dist: version for dist, version, _ in gpu_bundle.PIN}
     assert {dist: metadata.version(dist) for dist in pinned} == pinned  # a venv upgrade must update PIN too
-    assert len(pinned) == len(gpu_sweep.PIN)  # one version of each, or the install there stops
+    assert len(pinned) == len(gpu_bundle.PIN)  # one version of each, or the install there stops
 
 
 def test_a_missing_package_stops_the_sweep_naming_the_wheel_to_add(monkeypatch):
     monkeypatch.setitem(sys.modules, "hyperopt", None)  # import hyperopt now raises ModuleNotFoundError
     with pytest.raises(SystemExit, match=r"importing hyperopt needs the module hyperopt.*add hyperopt==0\.3\.0"):
-        gpu_sweep.check_packages(["numpy", "hyperopt"])
+        gpu_bundle.check_packages(["numpy", "hyperopt"])
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     with pytest.raises(SystemExit, match="add opentelemetry-api==1.45.2 and opentelemetry-sdk==1.45.2 and"):
-        gpu_sweep.check_packages(["opentelemetry"])
+        gpu_bundle.check_packages(["opentelemetry"])
     with pytest.raises(SystemExit, match="add the wheel that brings the module no_such_module to PIN"):
-        gpu_sweep.check_packages(["no_such_module"])
+        gpu_bundle.check_packages(["no_such_module"])
 
 
 def test_a_package_too_old_for_a_carried_wheel_stops_the_sweep_with_its_import_error(tmp_path, monkeypatch):
     (tmp_path / "needs_new_name.py").write_text("from json import name_of_a_newer_json\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(SystemExit, match="importing needs_new_name failed .*name_of_a_newer_json.* differs"):
-        gpu_sweep.check_packages(["needs_new_name"])
+        gpu_bundle.check_packages(["needs_new_name"])
 
 
 def make_wheel(d, name="gpu_sweep_probe", version="1.0"):
@@ -102,11 +103,11 @@ def test_wheels_install_into_the_site_folder_first_on_the_path(tmp_path, monkeyp
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     with pytest.raises(SystemExit, match="no .whl files there; `make gpu-bundle`"):
-        gpu_sweep.install_wheels(tmp_path / "empty", tmp_path / "site")
+        gpu_bundle.install_wheels(tmp_path / "empty", tmp_path / "site")
     make_wheel(tmp_path / "wheels")
     site = tmp_path / "site"
     try:
-        assert gpu_sweep.install_wheels(tmp_path / "wheels", site) == ["gpu_sweep_probe-1.0-py3-none-any.whl"]
+        assert gpu_bundle.install_wheels(tmp_path / "wheels", site) == ["gpu_sweep_probe-1.0-py3-none-any.whl"]
         import gpu_sweep_probe
         assert gpu_sweep_probe.VALUE == 42 and gpu_sweep_probe.__file__.startswith(str(site))
     finally:
@@ -120,8 +121,8 @@ def test_what_a_call_carries_is_the_tree_and_the_bundle(tmp_path):
     extra = tmp_path / "bundle"
     extra.mkdir()
     (extra / "one.bin").write_bytes(b"\0" * 2**20)
-    size = gpu_sweep.travelling_mib(extra)
-    assert size["bundle"] == 1.0 and 0.5 < size["tree"] < gpu_sweep.TRAVEL_LIMIT_MIB
+    size = gpu_bundle.travelling_mib(extra)
+    assert size["bundle"] == 1.0 and 0.5 < size["tree"] < gpu_bundle.TRAVEL_LIMIT_MIB
     assert size["total"] == size["tree"] + 1.0
 
 

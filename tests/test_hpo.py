@@ -12,10 +12,10 @@ from conftest import ROOT, kill_env, last_run, run_entry
 from helpers_data import make_split_run
 from mlflow.tracking import MlflowClient
 
-from bincounter import hpo, training
+from bincounter import hpo, search_space, train_log, training
 from bincounter.manifest import read_manifest
+from bincounter.train_config import TUNABLE, TrainConfig
 from steps import hpo as hpo_step
-from bincounter import trainer
 from steps import train as train_step
 
 SMALL = {"arch": "resnet18", "weights": "none", "image_size": 32, "max_steps": 2, "workers": 0}
@@ -83,14 +83,14 @@ def test_mlproject_hpo_parameters_match_the_cli():
 
 
 def test_search_space_is_declared_once_and_covers_the_tunables():
-    assert set(hpo.SEARCH_SPACE) == set(training.TUNABLE)
-    assert hpo.SEARCH_SPACE["lr"] == {"loguniform": [1e-4, 1e-1]}
-    assert hpo.SEARCH_SPACE["batch_size"] == {"choice": [32, 64, 128, 256, 512]}
-    assert set(hpo.SEARCH_SPACE["optimizer"]["choice"]) == {"sgd", "adamw"}
+    assert set(search_space.SEARCH_SPACE) == set(TUNABLE)
+    assert search_space.SEARCH_SPACE["lr"] == {"loguniform": [1e-4, 1e-1]}
+    assert search_space.SEARCH_SPACE["batch_size"] == {"choice": [32, 64, 128, 256, 512]}
+    assert set(search_space.SEARCH_SPACE["optimizer"]["choice"]) == {"sgd", "adamw"}
     params = {"lr": 0.001, "batch_size": 64, "weight_decay": 1e-5, "optimizer": "adamw", "freeze": True,
               "freeze_epochs": 1, "backbone_lr": 0.3, "bn": "frozen", "trainable_blocks": 2,
               "ema": 0.98, "mixup": 0.0}
-    assert hpo.to_params(hpo.to_vals(params)) == params
+    assert search_space.to_params(search_space.to_vals(params)) == params
 
 
 def test_hpo_entry_point_end_to_end(split_id):
@@ -102,14 +102,14 @@ def test_hpo_entry_point_end_to_end(split_id):
     assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
     client = MlflowClient()
     for t in trials:
-        for name in training.TUNABLE:  # the drawn values, as hp_* (like the train step) and plain
+        for name in TUNABLE:  # the drawn values, as hp_* (like the train step) and plain
             assert t.data.params[f"hp_{name}"] == t.data.params[name]
         assert [m.step for m in client.get_metric_history(t.info.run_id, "val_loss")] == [1]  # per epoch
         assert client.list_artifacts(t.info.run_id) == []  # no model, no checkpoint
     best = min(trials, key=lambda t: t.data.metrics["best_val_loss"])
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_val_loss"] == pytest.approx(best.data.metrics["best_val_loss"])
-    for name in training.TUNABLE:
+    for name in TUNABLE:
         assert parent.data.params[f"best_{name}"] == best.data.params[name]
     train_df = read_manifest(mlflow.artifacts.download_artifacts(run_id=split_id, artifact_path="splits/train.csv"))
     assert parent.data.metrics["train_size"] == len(hpo.train_subset(train_df, 0.5, 42)) < len(train_df)
@@ -117,15 +117,15 @@ def test_hpo_entry_point_end_to_end(split_id):
     assert {"search_space.json", "trials.json", "trials.png"} <= files
     space = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/search_space.json"))
     # weights=none: a random backbone is never frozen, the rest of the space is SEARCH_SPACE
-    assert space["space"] == json.loads(json.dumps(hpo.space_for("none", int(parent.data.metrics["train_size"]))))
+    assert space["space"] == json.loads(json.dumps(search_space.space_for("none", int(parent.data.metrics["train_size"]))))
     assert space["space"]["bn"] == {"choice": ["batch"]} and space["space"]["backbone_lr"] == {"choice": [1.0]}
     assert space["space"]["batch_size"] == {"choice": [32]}  # 18 training images: larger batches are dropped
     assert space["space"]["freeze"] == {"choice": [False]} and all(t.data.params["freeze"] == "False" for t in trials)
     assert space["space"]["trainable_blocks"] == {"choice": [0]}
-    assert hpo.space_for("imagenet", epochs=2) == hpo.SEARCH_SPACE
-    assert hpo.space_for("imagenet")["freeze_epochs"] == {"choice": [0]}  # one epoch: no head-first phase
-    assert hpo.space_for("imagenet", 700)["batch_size"] == {"choice": [32, 64]}  # at least 10 steps an epoch
-    assert hpo.space_for("none")["lr"] == {"loguniform": [1e-4, 1e-2]}  # from scratch, high rates diverge
+    assert search_space.space_for("imagenet", epochs=2) == search_space.SEARCH_SPACE
+    assert search_space.space_for("imagenet")["freeze_epochs"] == {"choice": [0]}  # one epoch: no head-first phase
+    assert search_space.space_for("imagenet", 700)["batch_size"] == {"choice": [32, 64]}  # at least 10 steps an epoch
+    assert search_space.space_for("none")["lr"] == {"loguniform": [1e-4, 1e-2]}  # from scratch, high rates diverge
 
 
 def test_failed_trial_is_recorded_and_the_search_goes_on(split_id, monkeypatch):
@@ -140,7 +140,7 @@ def test_failed_trial_is_recorded_and_the_search_goes_on(split_id, monkeypatch):
     assert parent.data.tags["best_run_id"] != trials[1].info.run_id
     ok = [t for t in trials if t.info.status == "FINISHED"]
     # the default metric is training's default monitor
-    assert parent.data.params["metric"] == training.TrainConfig.monitor == "val_accuracy"
+    assert parent.data.params["metric"] == TrainConfig.monitor == "val_accuracy"
     assert parent.data.metrics["best_val_accuracy"] == max(t.data.metrics["val_accuracy"] for t in ok)
     assert all(c.monitor == "val_accuracy" for c in fake.calls)  # trials keep their best epoch by it too
     assert [t["status"] for t in trials_json(parent_id)["trials"]] == ["ok", "fail", "ok", "ok"]
@@ -176,8 +176,8 @@ def test_same_seed_same_trials_other_seed_other_trials(split_id, monkeypatch):
     monkeypatch.setattr(training, "train_run", FakeTraining())
     a, b, c = (hpo_step.main(hpo_args(split_id, max_evals=4, seed=s)) for s in (7, 7, 8))
     assert trial_params(a) == trial_params(b)
-    assert [{k: t.data.params[k] for k in training.TUNABLE} for t in children(a)] == \
-           [{k: t.data.params[k] for k in training.TUNABLE} for t in children(b)]
+    assert [{k: t.data.params[k] for k in TUNABLE} for t in children(a)] == \
+           [{k: t.data.params[k] for k in TUNABLE} for t in children(b)]
     assert trial_params(a) != trial_params(c)
 
 
@@ -238,7 +238,7 @@ def test_train_takes_the_best_params_and_explicit_ones_win(split_id, monkeypatch
         m.setattr(training, "train_run", FakeTraining())
         hpo_id = hpo_step.main(hpo_args(split_id, max_evals=3))
     best = mlflow.get_run(hpo_id).data.params
-    monkeypatch.setattr(trainer, "log_trained_model", lambda *a, **k: None)  # the model is not the point here
+    monkeypatch.setattr(train_log, "log_trained_model", lambda *a, **k: None)  # the model is not the point here
 
     def train(*extra):
         argv = ["--split_run_id", split_id, "--hpo_run_id", hpo_id, "--epochs", "1", "--arch", "resnet18",
@@ -246,7 +246,7 @@ def test_train_takes_the_best_params_and_explicit_ones_win(split_id, monkeypatch
         return mlflow.get_run(train_step.main(train_step.get_args_parser().parse_args(argv))).data.params
 
     got = train()
-    for name in training.TUNABLE:
+    for name in TUNABLE:
         assert got[f"hp_{name}"] == best[f"best_{name}"], name
     got = train("--lr", "0.0042", "--optimizer", "sgd")
     assert float(got["hp_lr"]) == 0.0042 and got["hp_optimizer"] == "sgd"

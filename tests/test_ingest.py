@@ -23,7 +23,8 @@ from aws import moto_endpoint, public_bucket, sample_objects
 from bincounter import abid
 from bincounter.ingest import ingest
 from bincounter.manifest import COLUMNS, REJECT_COLUMNS, read_manifest
-from bincounter.sources import LocalSource, MissingObject, S3Source, SourceError, SyntheticSource
+from bincounter.sources import (LocalSource, MissingObject, NotInFolders, S3Source, Source, SourceError,
+                                 SyntheticSource)
 from bincounter.synthetic import draw_bin
 from steps import ingest as step
 
@@ -78,8 +79,11 @@ def parse(*argv: str):
 # --- synthetic end to end ------------------------------------------------------------------------------------
 
 def test_synthetic_end_to_end(tmp_path):
-    run_entry("ingest", {"source": "synthetic", "num_images": 40, "image_size": 64, "cache_dir": tmp_path / "cache",
-                         "seed": 3, "workers": 4})
+    """Through `mlflow run`, with the old names of cache_size and downloads (accepted until the next release)."""
+    p = run_entry("ingest", {"source": "synthetic", "num_images": 40, "image_size": 64, "cache_dir": tmp_path / "cache",
+                             "seed": 3, "workers": 4})
+    assert "ingest: warning: --image_size is deprecated and goes in the next release: use --cache_size" in p.stderr
+    assert "ingest: warning: --workers is deprecated and goes in the next release: use --downloads" in p.stderr
     run = last_run("ingest")
     assert run.info.status == "FINISHED"
     m = read_manifest(artifact(run, "manifest.csv"))
@@ -107,20 +111,20 @@ def test_synthetic_end_to_end(tmp_path):
 def test_synthetic_rerun_and_damaged_cache(tmp_path):
     """A rerun answers from the cache; a missing or damaged cached file or record is made again."""
     source = SyntheticSource(12, 1, 5, seed=0, size=48)
-    items = dict(source.labels)
-    m1, _, s1 = ingest(items, source, tmp_path, 48, (1, 5), workers=3, progress=False)
+    items = source.labels()
+    m1, _, s1 = ingest(items, source, tmp_path, 48, (1, 5), downloads=3, progress=False)
     assert (s1["downloaded"], s1["cache_hits"], s1["ingested"]) == (12, 0, 12)
-    m2, _, s2 = ingest(items, source, tmp_path, 48, (1, 5), workers=3, progress=False)
+    m2, _, s2 = ingest(items, source, tmp_path, 48, (1, 5), downloads=3, progress=False)
     assert (s2["downloaded"], s2["cache_hits"]) == (0, 12) and m2.equals(m1)
 
     Path(m1.path[0]).write_bytes(b"damaged")
     Path(m1.path[1]).unlink()
     (tmp_path / "records" / "synthetic-0-48" / f"{m1.image_id[2]}.json").write_text("{trunc")
-    m3, _, s3 = ingest(items, source, tmp_path, 48, (1, 5), workers=3, progress=False)
+    m3, _, s3 = ingest(items, source, tmp_path, 48, (1, 5), downloads=3, progress=False)
     assert (s3["downloaded"], s3["cache_hits"]) == (3, 9) and m3.equals(m1)
 
     # a narrower count range needs no download: the records remember the counts
-    m4, r4, s4 = ingest(items, source, tmp_path, 48, (2, 3), workers=3, progress=False)
+    m4, r4, s4 = ingest(items, source, tmp_path, 48, (2, 3), downloads=3, progress=False)
     assert s4["downloaded"] == 0 and set(m4["count"]) == {2, 3}
     assert set(r4["reason"]) == {"count_out_of_range"} and len(m4) + len(r4) == 12
     for s in (s1, s2, s3, s4):  # where each image came from adds up to the images listed
@@ -130,7 +134,7 @@ def test_synthetic_rerun_and_damaged_cache(tmp_path):
 def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
     """`.<name>.<random>.tmp` files older than the run go; a younger one (a run writing now) stays."""
     source = SyntheticSource(6, 1, 5, seed=0, size=48)
-    m, _, _ = ingest(dict(source.labels), source, tmp_path, 48, (1, 5), workers=2, progress=False)
+    m, _, _ = ingest(source.labels(), source, tmp_path, 48, (1, 5), downloads=2, progress=False)
     image_dir, record_dir = Path(m.path[0]).parent, tmp_path / "records" / "synthetic-0-48"
     old = [image_dir / f".{Path(m.path[0]).name}.k1ll3d.tmp", record_dir / f".{m.image_id[0]}.json.k1ll3d.tmp"]
     young = image_dir / f".{Path(m.path[1]).name}.wr1t1n.tmp"
@@ -139,7 +143,7 @@ def test_temporary_files_a_killed_run_left_are_removed(tmp_path):
     for f in old:
         os.utime(f, (time.time() - 3600,) * 2)
     os.utime(young, (time.time() + 3600,) * 2)  # written after the next run starts
-    _, _, stats = ingest(dict(source.labels), source, tmp_path, 48, (1, 5), workers=2, progress=False)
+    _, _, stats = ingest(source.labels(), source, tmp_path, 48, (1, 5), downloads=2, progress=False)
     assert stats["temp_files_removed"] == 2 and not any(f.exists() for f in old) and young.exists()
     assert stats["cache_hits"] == 6
 
@@ -197,7 +201,7 @@ def test_bad_items_are_rejected_and_the_run_succeeds(source, tmp_path):
     """From a local folder and from moto S3, in-process (the step through `mlflow run` is the synthetic test's)."""
     objects = bad_items()
     fl = file_list(tmp_path / "file_list.json", GOOD | {i: c for i, (c, _, _) in BAD.items()})
-    params = {"source": source, "file_list": fl, "cache_dir": tmp_path / "cache", "image_size": 64, "workers": 4}
+    params = {"source": source, "file_list": fl, "cache_dir": tmp_path / "cache", "cache_size": 64, "downloads": 4}
     if source == "local":
         params |= {"data_dir": write_folder(tmp_path / "abid", objects)}
     else:
@@ -229,7 +233,7 @@ def test_nothing_ingested_fails_the_run(tmp_path):
     """Rejects alone are no dataset: the run fails, with rejects.csv logged to say why."""
     root = write_folder(tmp_path / "abid", {"bin-images/1.jpg": b"GIF89a broken"})
     fl = file_list(tmp_path / "fl.json", {"1": 1, "2": 2})
-    with pytest.raises(SystemExit, match=r"ingest: no image was ingested \(2 rejected, see rejects.csv\)"):
+    with pytest.raises(ValueError, match=r"^no image was ingested \(2 rejected, see rejects.csv\)"):
         step.main(parse("--source", "local", "--data_dir", root, "--file_list", fl, "--cache_dir", tmp_path / "c"))
     run = last_run("ingest")
     assert run.info.status == "FAILED"
@@ -265,10 +269,10 @@ def sample_bucket(tmp_path_factory):
     return endpoint, bucket, fl, expected, n_meta
 
 
-def s3_args(sample_bucket, cache: Path, workers: int = 8) -> list[str]:
+def s3_args(sample_bucket, cache: Path, downloads: int = 8) -> list[str]:
     endpoint, bucket, fl, _, _ = sample_bucket
     params = {"source": "s3", "endpoint_url": endpoint, "bucket": bucket, "file_list": fl, "cache_dir": cache,
-              "image_size": 64, "workers": workers}
+              "cache_size": 64, "downloads": downloads}
     return [f"--{k}={v}" for k, v in params.items()]
 
 
@@ -309,7 +313,7 @@ def test_s3_run_killed_midway_resumes(sample_bucket, tmp_path):
     cache = tmp_path / "cache"
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "steps.ingest", *s3_args(sample_bucket, cache, workers=2)],
+        proc = subprocess.Popen([sys.executable, "-m", "steps.ingest", *s3_args(sample_bucket, cache, downloads=2)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # env: the test's tracking store
     records = cache / "records"
     deadline = time.monotonic() + 120
@@ -330,7 +334,7 @@ def test_s3_run_killed_midway_resumes(sample_bucket, tmp_path):
 def test_local_all_reads_labels_and_metadata(tmp_path):
     """`file_list=all` on the real sample: counts from metadata or labels.csv (a seeded pick of 40)."""
     args = parse("--source", "local", "--data_dir", SAMPLE, "--file_list", "all", "--limit", 40,
-                 "--cache_dir", tmp_path, "--image_size", 48, "--workers", 4, "--count_min", 0, "--count_max", 50)
+                 "--cache_dir", tmp_path, "--cache_size", 48, "--downloads", 4, "--count_min", 0, "--count_max", 50)
     m, rejects, stats = step.main(args)
     truth = abid.read_label_index(SAMPLE / "labels.csv")
     assert len(m) == 40 and rejects.empty
@@ -343,6 +347,52 @@ def test_local_labels_need_a_known_count(tmp_path):
     root = write_folder(tmp_path, {"bin-images/a.jpg": b"", "bin-images/b.jpg": b"", "bin-images/c.jpg": b"",
                                    "metadata/b.json": metadata(2), "labels.csv": b"image_id,count\na,1\nz,4\n"})
     assert LocalSource(root).labels() == {"a": 1, "b": None}  # c has no count anywhere; z has no image
+
+
+def test_every_source_offers_the_same_interface(tmp_path):
+    """labels() is a method everywhere: the counts a source knows, or None where a file list names the images;
+    check() refuses a source that cannot be read, naming the parameter."""
+    root = write_folder(tmp_path / "abid", {"bin-images/a.jpg": jpeg(), "labels.csv": b"image_id,count\na,3\n"})
+    synthetic = SyntheticSource(5, 1, 5, seed=0, size=48)
+    local = LocalSource(root)
+    s3 = S3Source("bucket", "http://127.0.0.1:9")
+    elsewhere = NotInFolders([local])
+    for source in (s3, local, synthetic, elsewhere):
+        assert isinstance(source, Source), type(source).__name__
+        assert isinstance(source.tag, str) and source.where("bin-images/a.jpg").endswith("bin-images/a.jpg")
+    assert synthetic.labels() == dict(synthesized(5)) and local.labels() == {"a": 3}
+    assert s3.labels() is None and elsewhere.labels() == {}
+    synthetic.labels()["syn0-0"] = 99  # a copy: the source keeps its own counts
+    assert synthetic.labels() == dict(synthesized(5))
+    synthetic.check()
+    local.check()
+    (root / "bin-images" / "a.jpg").unlink()
+    with pytest.raises(ValueError, match=f"^data_dir: {root} has no photo in bin-images/"):
+        local.check()
+
+
+def synthesized(n: int) -> list[tuple[str, int]]:
+    from bincounter.synthetic import synthetic_items
+
+    return synthetic_items(n, 1, 5, seed=0)
+
+
+def test_old_parameter_names_parse_into_the_new_ones(capsys):
+    """image_size is cache_size and workers is downloads until the next release, each with a notice; the new name
+    at its default is what `mlflow run` passes beside an old name given with -P: the old name's value wins."""
+    args = parse("--image_size", 300, "--workers", 3)
+    assert (args.cache_size, args.downloads) == (300, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["ingest: warning: --image_size is deprecated and goes in the next release: use --cache_size",
+                   "ingest: warning: --workers is deprecated and goes in the next release: use --downloads"]
+    for argv in (["--cache_size", 256, "--image_size", 300], ["--image_size", 300, "--cache_size", 300]):
+        args = parse(*argv)
+        step.check_args(args)
+        assert args.cache_size == 300 and "_old_names" not in vars(args)  # nothing left over to log as a param
+    for argv in (["--cache_size", 320, "--image_size", 300], ["--image_size", 300, "--cache_size", 320]):
+        with pytest.raises(ValueError, match="^cache_size 320 and image_size 300 disagree"):
+            step.check_args(parse(*argv))
+    assert parse().cache_size == 256 and parse().downloads == 16
 
 
 def test_limit_is_a_seeded_pick(tmp_path):
@@ -420,8 +470,11 @@ BAD_PARAMS = [  # (argv, the message); {tmp}, {folder} and {endpoint} are filled
      "file_list: {tmp}/empty.json lists no images"),
     (["--source", "s3", "--file_list", "all"], "file_list: 'all' works only with source=local, not source=s3"),
     (["--source", "synthetic", "--count_min", "4", "--count_max", "2"], "count_min 4 is above count_max 2"),
-    (["--source", "synthetic", "--image_size", "16"], "image_size: must be at least 32 pixels, got 16"),
-    (["--source", "synthetic", "--workers", "0"], "workers: must be at least 1, got 0"),
+    (["--source", "synthetic", "--cache_size", "16"], "cache_size: must be at least 32 pixels, got 16"),
+    (["--source", "synthetic", "--image_size", "16"], "cache_size: must be at least 32 pixels, got 16"),  # old name
+    (["--source", "synthetic", "--downloads", "0"], "downloads: must be at least 1, got 0"),
+    (["--source", "synthetic", "--cache_size", "300", "--image_size", "320"],
+     "cache_size 300 and image_size 320 disagree: image_size is the old name of cache_size; give cache_size alone"),
     (["--source", "synthetic", "--limit", "-1"], "limit: must be 0 (all) or more, got -1"),
     (["--source", "synthetic", "--num_images", "0"], "num_images: must be at least 1, got 0"),
     (["--source", "s3", "--file_list", "{tmp}/ok.json", "--endpoint_url", "{endpoint}", "--bucket", "no-such-bucket"],
@@ -438,16 +491,16 @@ def test_bad_parameters_fail_at_once(argv, message, tmp_path, folder):
     (tmp_path / "empty.json").write_text("{}")
     file_list(tmp_path / "ok.json", {"1": 1})
     fill = {"tmp": tmp_path, "folder": folder, "endpoint": moto_endpoint() if "{endpoint}" in " ".join(argv) else ""}
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         step.main(parse(*[a.format(**fill) for a in argv], "--cache_dir", tmp_path / "cache"))
-    assert f"ingest: {message.format(**fill)}" in str(e.value)
+    assert message.format(**fill) in str(e.value)
     assert mlflow.search_runs(output_format="list") == []  # no run was opened
 
 
 def test_bad_parameter_exit_status(tmp_path):
     p = subprocess.run([sys.executable, "-m", "steps.ingest", "--source=synthetic", "--count_min=3", "--count_max=1",
                         f"--cache_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 1 and p.stderr.strip() == "ingest: count_min 3 is above count_max 1"
+    assert p.returncode == 1 and p.stderr.strip() == "ingest: error: count_min 3 is above count_max 1"
 
 
 def test_unparsable_parameter(capsys):

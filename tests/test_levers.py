@@ -13,7 +13,7 @@ from helpers_data import make_split_run
 from test_train import TINY
 
 from bincounter.model import IMAGENET_MEAN, IMAGENET_STD, build_model, probabilities
-from bincounter.training import CountLoss, balanced_sampler, lr_factor
+from bincounter.levers import CountLoss, balanced_sampler, lr_factor
 from bincounter.transforms import TrainPreset
 
 CLASSES = [1, 2, 3, 4, 5]
@@ -168,7 +168,8 @@ def test_trainable_blocks_train_only_the_last_blocks_and_the_head(tmp_path, arch
     from helpers_data import make_manifest
 
     from bincounter.manifest import stratified_split
-    from bincounter.training import TrainConfig, train_run
+    from bincounter.train_config import TrainConfig
+    from bincounter.training import train_run
 
     weights = "imagenet"
     if arch.startswith("resnet"):  # no ImageNet download here: a state-dict file is pretrained weights too
@@ -191,7 +192,7 @@ def test_trainable_blocks_train_only_the_last_blocks_and_the_head(tmp_path, arch
 
 @pytest.mark.parametrize("arch, most", [("resnet50", 4), ("efficientnet_lite1", 7)])
 def test_trainable_blocks_out_of_range_lists_the_valid_range(arch, most):
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
 
     TrainConfig(arch=arch, trainable_blocks=most).validate()
     with pytest.raises(ValueError, match=rf"trainable_blocks must be in 0\.\.{most} for {arch}"):
@@ -207,7 +208,8 @@ import os, sys, pathlib, torch, mlflow
 sys.path[:0] = [{root!r}, {tests!r}]
 from helpers_data import make_manifest
 from bincounter.manifest import stratified_split
-from bincounter.training import TrainConfig, train_run
+from bincounter.train_config import TrainConfig
+from bincounter.training import train_run
 rank = int(os.environ["RANK"])
 parts = stratified_split(make_manifest(pathlib.Path({tmp!r}) / f"img{{rank}}", n=40, size=72), (0.6, 0.2, 0.2), seed=0)
 cfg = TrainConfig(arch="resnet18", weights={weights!r}, image_size=64, epochs=2, max_steps=2, batch_size=4,
@@ -279,7 +281,8 @@ def test_ema_model_is_what_training_validates_and_keeps(tmp_path):
     from helpers_data import make_manifest
 
     from bincounter.manifest import stratified_split
-    from bincounter.training import TrainConfig, train_run
+    from bincounter.train_config import TrainConfig
+    from bincounter.training import train_run
 
     parts = stratified_split(make_manifest(tmp_path / "img", n=20, size=40), (0.6, 0.2, 0.2), seed=0)
     kept = {}
@@ -297,7 +300,8 @@ def test_ema_model_is_what_training_validates_and_keeps(tmp_path):
 
 
 def test_mixup_blends_pairs_by_a_seeded_weight_and_scores_both_labels():
-    from bincounter.training import mix, train_one_epoch
+    from bincounter.levers import mix
+    from bincounter.training import train_one_epoch
 
     x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
     mixed, perm, lam = mix(x, 0.4, torch.Generator().manual_seed(3))
@@ -325,7 +329,7 @@ def test_mixup_blends_pairs_by_a_seeded_weight_and_scores_both_labels():
 def test_trivial_augment_replaces_the_colour_jitter_and_stays_off_the_tensor_cache():
     from torchvision.transforms import v2 as T
 
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
     from bincounter.transforms import augmentations
 
     kinds = [type(t) for t in augmentations("trivial")]
@@ -341,7 +345,9 @@ def test_trivial_augment_replaces_the_colour_jitter_and_stays_off_the_tensor_cac
 
 
 def test_progressive_resizing_rises_to_the_full_size_by_the_middle_epoch_and_trains_at_it():
-    from bincounter.training import TrainConfig, epoch_size, train_one_epoch
+    from bincounter.levers import epoch_size
+    from bincounter.train_config import TrainConfig
+    from bincounter.training import train_one_epoch
 
     cfg = TrainConfig(image_size=224, epochs=8, start_size=160)
     assert [epoch_size(cfg, e) for e in range(1, 9)] == [160, 176, 192, 208, 224, 224, 224, 224]

@@ -13,7 +13,9 @@ from torch import nn
 from conftest import SAMPLE, needs_sample
 from helpers_data import make_manifest
 from bincounter.model import ARCHS, WeightsUnavailable, build_model, get_arch, input_config
-from bincounter.training import TrainConfig, make_optimizer, set_train_mode, train_run
+from bincounter.levers import make_optimizer, set_train_mode
+from bincounter.train_config import TrainConfig
+from bincounter.training import train_run
 from bincounter.transforms import EvalPreset, decode_image
 
 
@@ -211,7 +213,7 @@ def test_bad_lever_values_are_refused_naming_them(pretrained_file, bad, message)
 def test_logged_model_carries_its_input_normalisation(tmp_path):
     """A Lite model's config holds its (0.5, 0.5, 0.5) normalisation, and serving applies it."""
     from bincounter import serving
-    from bincounter.trainer import log_trained_model
+    from bincounter.train_log import log_trained_model
 
     df = make_manifest(tmp_path / "img", n=10, size=32)
     cfg = TrainConfig(arch="efficientnet_lite0", weights="none", image_size=32, epochs=1, batch_size=5,

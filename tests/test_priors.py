@@ -12,7 +12,7 @@ from conftest import LABELS
 from helpers_data import make_split_run
 from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
-from bincounter import abid, calibration
+from bincounter import abid, calibration, priors
 from bincounter.model import decide
 
 UNIFORM = [0.2] * 5
@@ -29,50 +29,50 @@ def random_probs(n: int = 40, seed: int = 0) -> np.ndarray:
 def test_from_a_uniform_training_mix_the_target_multiplies_and_renormalises():
     probs = random_probs()
     target = "1:0.1,2:0.2,3:0.4,4:0.2,5:0.1"
-    out = calibration.apply_prior(probs, calibration.prior_weights(UNIFORM, target, CLASSES))
+    out = priors.apply_prior(probs, priors.prior_weights(UNIFORM, target, CLASSES))
     expected = probs * np.array([0.1, 0.2, 0.4, 0.2, 0.1])
     assert np.allclose(out, expected / expected.sum(1, keepdims=True))
     assert np.allclose(out.sum(1), 1)
     # a known row by hand: equal probabilities become the target itself
-    flat = calibration.apply_prior(np.full((1, 5), 0.2), calibration.prior_weights(UNIFORM, target, CLASSES))
+    flat = priors.apply_prior(np.full((1, 5), 0.2), priors.prior_weights(UNIFORM, target, CLASSES))
     assert np.allclose(flat, [[0.1, 0.2, 0.4, 0.2, 0.1]])
 
 
 def test_a_target_equal_to_the_training_mix_changes_nothing():
     probs = random_probs(seed=1)
     train = [0.1, 0.3, 0.3, 0.2, 0.1]
-    w = calibration.prior_weights(train, "1:0.1,2:0.3,3:0.3,4:0.2,5:0.1", CLASSES)
-    assert np.allclose(w, 1) and np.allclose(calibration.apply_prior(probs, w), probs)
-    assert calibration.prior_weights(train, "train", CLASSES) is None
-    assert calibration.apply_prior(probs, None) is probs
+    w = priors.prior_weights(train, "1:0.1,2:0.3,3:0.3,4:0.2,5:0.1", CLASSES)
+    assert np.allclose(w, 1) and np.allclose(priors.apply_prior(probs, w), probs)
+    assert priors.prior_weights(train, "train", CLASSES) is None
+    assert priors.apply_prior(probs, None) is probs
 
 
 def test_a_skewed_training_mix_is_divided_out():
     # a model trained where ones were half the bins says 1 too readily: moved to equal shares, the ones lose
     probs = np.array([[0.5, 0.125, 0.125, 0.125, 0.125], [np.nan] * 5])
-    w = calibration.prior_weights([0.5, 0.125, 0.125, 0.125, 0.125], "1:0.2,2:0.2,3:0.2,4:0.2,5:0.2", CLASSES)
-    out = calibration.apply_prior(probs, w)
+    w = priors.prior_weights([0.5, 0.125, 0.125, 0.125, 0.125], "1:0.2,2:0.2,3:0.2,4:0.2,5:0.2", CLASSES)
+    out = priors.apply_prior(probs, w)
     assert np.allclose(out[0], 0.2) and np.isnan(out[1]).all()
 
 
 def test_the_training_mix_is_the_shares_of_the_training_counts_or_equal_when_balanced():
     counts = [1] * 6 + [2] * 3 + [5]
-    assert calibration.train_mix(counts, [1, 2, 3, 4, 5]) == [0.6, 0.3, 0.0, 0.0, 0.1]
+    assert priors.train_mix(counts, [1, 2, 3, 4, 5]) == [0.6, 0.3, 0.0, 0.0, 0.1]
     # balanced training draws every count present equally often
-    assert calibration.train_mix(counts, [1, 2, 3, 4, 5], balanced=True) == pytest.approx([1 / 3, 1 / 3, 0, 0, 1 / 3])
+    assert priors.train_mix(counts, [1, 2, 3, 4, 5], balanced=True) == pytest.approx([1 / 3, 1 / 3, 0, 0, 1 / 3])
     # a count never trained on cannot be re-weighted
     with pytest.raises(ValueError, match="saw no training bin of count 3, 4"):
-        calibration.prior_weights(calibration.train_mix(counts, CLASSES), "natural", CLASSES)
+        priors.prior_weights(priors.train_mix(counts, CLASSES), "natural", CLASSES)
 
 
 def test_natural_is_the_label_index_mix_and_adapts_to_counts_within_one_to_five():
     assert sum(abid.NATURAL_MIX.values()) == pytest.approx(1)
     assert [round(abid.NATURAL_MIX[c], 3) for c in CLASSES] == [0.117, 0.219, 0.257, 0.229, 0.178]
-    assert np.allclose(calibration.resolve_mix("natural", CLASSES), [abid.NATURAL_MIX[c] for c in CLASSES])
-    three = calibration.resolve_mix("natural", [1, 2, 3])
+    assert np.allclose(priors.resolve_mix("natural", CLASSES), [abid.NATURAL_MIX[c] for c in CLASSES])
+    three = priors.resolve_mix("natural", [1, 2, 3])
     assert three.sum() == pytest.approx(1) and three[0] / three[2] == pytest.approx(41_147 / 90_058)
     with pytest.raises(ValueError, match=r"model also counts 0; give shares of its counts \(0, 1, 2, 3, 4, 5\)"):
-        calibration.resolve_mix("natural", [0, 1, 2, 3, 4, 5])
+        priors.resolve_mix("natural", [0, 1, 2, 3, 4, 5])
 
 
 @pytest.mark.skipif(not (LABELS / "expected_quantity.csv").exists(), reason=f"no label index at {LABELS}")
@@ -96,20 +96,20 @@ def test_the_natural_mix_constant_is_what_the_label_index_says():
 ])
 def test_bad_mixes_are_refused_saying_why(spec, message):
     with pytest.raises(ValueError, match=message) as e:
-        calibration.resolve_mix(spec, CLASSES)
+        priors.resolve_mix(spec, CLASSES)
     assert str(e.value).startswith("target_mix: ")
 
 
 def test_a_mix_within_the_tolerance_passes_and_one_outside_it_does_not():
-    assert calibration.parse_mix("1:0.2,2:0.2,3:0.2,4:0.2,5:0.2009")[5] == 0.2009
+    assert priors.parse_mix("1:0.2,2:0.2,3:0.2,4:0.2,5:0.2009")[5] == 0.2009
     with pytest.raises(ValueError, match="sum to"):
-        calibration.parse_mix("1:0.2,2:0.2,3:0.2,4:0.2,5:0.202")
+        priors.parse_mix("1:0.2,2:0.2,3:0.2,4:0.2,5:0.202")
 
 
 # -- through a logged model ----------------------------------------------------------------------------------------
 
 def log_with_mix(tiny, train_mix, target_mix="train", temperature=1.0) -> str:
-    from bincounter.trainer import log_trained_model
+    from bincounter.train_log import log_trained_model
     from bincounter.training import TrainConfig
 
     with mlflow.start_run() as run:
@@ -141,13 +141,13 @@ def test_the_config_carries_the_mixes_and_the_answers_move_after_the_temperature
     moved, _ = counter.probabilities(images)
     # the prior comes after the temperature: p ∝ p_model^(1/T) · target / train
     w = np.array([0.96, 0.01, 0.01, 0.01, 0.01]) / 0.2
-    assert np.allclose(moved, calibration.apply_prior(at_train, w), atol=1e-6)
+    assert np.allclose(moved, priors.apply_prior(at_train, w), atol=1e-6)
     raw = calibration.apply_temperature(at_train, 0.5)  # the model's own distribution (T = 2 undone)
     for rule in ("argmax", "median"):
         counter.decision = rule
         table = counter.table(moved)
         # the count is decided on the model's own distribution with the prior: it moves, towards 1
-        expected = calibration.apply_prior(raw, w)
+        expected = priors.apply_prior(raw, w)
         assert table["count"].tolist() == [CLASSES[i] for i in decide(expected, rule)]
         assert np.allclose(table["confidence"], moved[np.arange(len(moved)), decide(expected, rule)])
     # with the extreme mix, every bin of the tiny (barely trained) model is a one, and fewer were before
@@ -194,7 +194,7 @@ def test_an_ensemble_moves_its_mean_once_after_its_own_temperature(tiny_model, t
     # the members' calibrated distributions (their own priors NOT applied), the mean, its temperature, one prior
     mean = np.mean([a.calibrated(images)[0], b.calibrated(images)[0]], axis=0)
     w = np.array([0.96, 0.01, 0.01, 0.01, 0.01]) / np.array([0.15, 0.2, 0.3, 0.2, 0.15])
-    assert np.allclose(probs, calibration.apply_prior(calibration.apply_temperature(mean, 1.5), w), atol=1e-6)
+    assert np.allclose(probs, priors.apply_prior(calibration.apply_temperature(mean, 1.5), w), atol=1e-6)
     assert errors == [None] * len(images)
     assert (ens.table(probs)["count"] == 1).all()
     ens.target_mix = "train"
@@ -212,34 +212,35 @@ def test_an_ensemble_moves_its_mean_once_after_its_own_temperature(tiny_model, t
 # -- where it is set: train, evaluate, the CLI ----------------------------------------------------------------------
 
 def test_train_keeps_its_training_mix_and_target_in_the_model_config(tmp_path):
-    from bincounter import serving, trainer
+    from bincounter import serving
     from bincounter.manifest import read_manifest
-    from bincounter.runs import download
+    from bincounter.runs import download, load_split
+    from steps import options, train
 
     split = make_split_run(tmp_path, n=50, size=32)
-    classes, train_df, val_df = trainer.load_split(split, str(tmp_path / "dl"))
-    args = trainer.get_args_parser().parse_args(
+    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    args = train.get_args_parser().parse_args(
         ["--split_run_id", split, "--weights=none", "--arch=resnet18", "--image_size=32", "--epochs=1",
          "--max_steps=1", "--batch_size=16", "--target_mix=natural"])
-    run_id = trainer.fit_and_log(args, trainer.config_from(args, classes), train_df, val_df)
+    run_id = train.fit_and_log(args, options.train_config(vars(args), classes), train_df, val_df)
     config = serving.load(f"runs:/{run_id}/model").config
     counts = read_manifest(download(split, "splits/train.csv", tmp_path / "t"))["count"]
     assert config["train_mix"] == pytest.approx([float(np.mean(counts == c)) for c in classes])
     assert config["target_mix"] == "natural"
-    assert mlflow.get_run(run_id).data.params["train_mix"] == calibration.format_mix(classes, config["train_mix"])
+    assert mlflow.get_run(run_id).data.params["train_mix"] == priors.format_mix(classes, config["train_mix"])
 
 
 def test_train_refuses_a_mix_before_training(capsys):
-    from bincounter import trainer
+    from steps import options, train
 
-    parse = lambda *a: trainer.get_args_parser().parse_args(["--split_run_id", "x", *a])  # noqa: E731
+    parse = lambda *a: train.get_args_parser().parse_args(["--split_run_id", "x", *a])  # noqa: E731
     with pytest.raises(SystemExit):
         parse("--target_mix=1:0.5,2:0.6")
     assert "--target_mix: the shares in '1:0.5,2:0.6' sum to 1.1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not count 0; its counts are 1, 2, 3, 4, 5"):
-        trainer.config_from(parse("--target_mix=0:0.2,1:0.2,2:0.2,3:0.2,4:0.2", "--weights=none"), CLASSES)
+        options.train_config(vars(parse("--target_mix=0:0.2,1:0.2,2:0.2,3:0.2,4:0.2", "--weights=none")), CLASSES)
     with pytest.raises(ValueError, match="natural is ABID's mix of counts 1-5, but the model also counts 0"):
-        trainer.config_from(parse("--target_mix=natural", "--weights=none"), [0, 1, 2])
+        options.train_config(vars(parse("--target_mix=natural", "--weights=none")), [0, 1, 2])
     assert parse().target_mix == "train"  # the default: answers as trained
 
 

@@ -164,3 +164,13 @@ def test_the_development_words_are_caught_and_product_words_are_not():
                  "in a notebook (a session already exists)", "-C synchronous=True -C timeout_seconds=1200",
                  "torchvision's private v2 helpers", "the model moves to the CUDA device", "a silent failure"):
         assert not development_words(text), text
+
+
+def test_the_library_map_names_every_module():
+    """The README's map of the library has one row per module of bincounter/, and no row for one that is gone."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("The library, one line a module:", 1)[1].split("\n\n", 2)[1]
+    named = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    modules = sorted(p.name for p in (ROOT / "bincounter").glob("*.py") if p.name != "__init__.py")
+    assert len(named) == len(set(named)), "a module is named twice"
+    assert sorted(named) == modules, f"missing: {set(modules) - set(named)}, gone: {set(named) - set(modules)}"

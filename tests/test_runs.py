@@ -1,5 +1,4 @@
 """What the MLflow UI shows of a step run: its name, the experiment's kind and saved view, unquoted parameters."""
-import argparse
 import json
 
 import mlflow
@@ -15,6 +14,7 @@ def test_run_names_say_what_ran():
     common = dict(arch="resnet18", image_size=64, seed=42)
     assert run_name("train", dict(common, lr=0.00612345)) == "train resnet18 64px lr=0.00612"
     assert run_name("train", dict(common, lr="")) == "train resnet18 64px lr=hpo best"
+    assert run_name("train", dict(common, lr=None)) == "train resnet18 64px lr=hpo best"  # not given
     assert run_name("hpo", dict(common, max_evals=8)) == "hpo resnet18 64px 8 trials"
     assert run_name("main", dict(common, source="synthetic")) == "main synthetic resnet18 64px"
     assert run_name("ingest", dict(source="synthetic", num_images=1500, limit=0)) == "ingest synthetic 1500"
@@ -25,8 +25,8 @@ def test_run_names_say_what_ran():
 
 
 def test_start_step_names_the_run_and_tags_the_experiment_once(experiment):
-    args = argparse.Namespace(arch="resnet18", image_size=32, lr=0.01, hpo_run_id=None)
-    with start_step("train", args) as run:
+    params = dict(arch="resnet18", image_size=32, lr=0.01, hpo_run_id=None)  # a step's vars(args)
+    with start_step("train", params) as run:
         pass
     got = mlflow.get_run(run.info.run_id)
     assert got.info.run_name == "train resnet18 32px lr=0.01"
@@ -37,7 +37,7 @@ def test_start_step_names_the_run_and_tags_the_experiment_once(experiment):
     assert "metrics.`val_accuracy`" in view["selectedColumns"] and "metrics.`test_accuracy`" in view["selectedColumns"]
     # a kind or view someone chose is kept
     MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
-    with start_step("evaluate", argparse.Namespace(model_uri=f"runs:/{run.info.run_id}/model")) as ev:
+    with start_step("evaluate", {"model_uri": f"runs:/{run.info.run_id}/model"}) as ev:
         pass
     assert MlflowClient().get_experiment(exp.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
     assert mlflow.get_run(ev.info.run_id).info.run_name == "evaluate train resnet18 32px lr=0.01"

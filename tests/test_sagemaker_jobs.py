@@ -193,7 +193,8 @@ def test_train_step_creates_the_training_job_and_ends_its_run(tmp_path, bucket, 
     with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=src_bucket, Key=src_key)["Body"].read())) as tar:
         names = set(tar.getnames())
         reqs = tar.extractfile("requirements.txt").read().decode()
-    assert {"sm_entry.py", "bincounter/sagemaker_jobs.py", "bincounter/training.py", "steps/train.py", "steps/sagemaker_job.py"} <= names
+    assert {"sm_entry.py", "bincounter/sagemaker_jobs.py", "bincounter/training.py", "steps/train.py", "steps/sagemaker_job.py",
+            "steps/options.py", "bincounter/train_log.py"} <= names
     assert "mlflow==3.17.2" in reqs and "torch" not in reqs
 
     # channels: the split tables, and manifests listing exactly the uploaded cache images
@@ -302,7 +303,7 @@ def test_job_side_trains_into_the_local_steps_run_and_checkpoints_for_spot(tmp_p
     # a spot restart: the restored checkpoint folder wins, nothing is trained or logged twice
     monkeypatch.setattr(mlflow.MlflowClient, "list_artifacts", lambda *a, **k: pytest.fail("checkpoint read from MLflow"))
     with mlflow.start_run(run_id=run_id):
-        from bincounter.training import Checkpointer
+        from bincounter.checkpoints import Checkpointer
         assert Checkpointer(run_id).load()["epoch"] == 1
 
 

@@ -20,8 +20,9 @@ from helpers_data import make_manifest
 from helpers_model import CLASSES, build_tiny_model
 from test_serving import png_bomb
 
-from bincounter import abid, cli, score
-from bincounter.reconcile import find_images, local_predictor, predict_files, summary
+from bincounter import abid, cli, score, spark_job
+from bincounter.predict import find_images, local_predictor, predict_files
+from bincounter.reconcile import summary
 from bincounter.serving import load
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None,
@@ -31,7 +32,7 @@ AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 
 @pytest.fixture(scope="module")
 def spark():
-    session = score.spark_session("local[2]", batch_size=64)
+    session = spark_job.spark_session("local[2]", batch_size=64)
     yield session
     session.stop()
 
@@ -96,7 +97,7 @@ def test_an_s3_prefix_is_read_in_the_executors(spark, model, checked, aws, tmp_p
     # local mode's Python workers start from the JVM's environment, fixed before this test pointed boto3 at moto
     spark.sparkContext.environment.update({k: os.environ[k] for k in AWS_VARS})
     try:
-        expected = score.read_expected(f"s3://{bucket}/metadata/", checked.check_threshold)  # read per photo
+        expected = score.expectations(f"s3://{bucket}/metadata/", checked.check_threshold)  # read per photo
         stats = score.score(spark, photos, checked, str(tmp_path / "out"), expected=expected)
     finally:
         for k in AWS_VARS:
@@ -171,7 +172,7 @@ def test_the_inventory_check_agrees_with_bincounter_reconcile(spark, model, chec
                      "--output", str(tmp_path / "reconcile.csv")]) == 0
     want = pd.read_csv(tmp_path / "reconcile.csv", dtype={"image_id": str})
     stats = score.score(spark, score.list_photos(str(photos)), checked, str(tmp_path / "out"),
-                        expected=score.read_expected(str(metadata), checked.check_threshold))
+                        expected=score.expectations(str(metadata), checked.check_threshold))
     got = read_table(tmp_path / "out")
     assert len(got) == len(meta_ids) + len(no_meta)
     both = want.merge(got, on="image_id", how="left", suffixes=("", "_score"))
@@ -225,11 +226,11 @@ def test_bad_input_gets_one_line_before_spark_works(spark, model, checked, aws, 
         score.score(spark, score.list_photos(str(model.images)), checked, str(tmp_path / "taken"))
     assert (tmp_path / "taken" / "thesis.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="spark_master 'localhost'"):
-        score.check_master("localhost")
+        spark_job.check_master("localhost")
     start = time.monotonic()
     with pytest.raises(ValueError, match=rf"spark_master spark://127.0.0.1:{(port := free_port())}: cannot reach"):
-        score.check_master(f"spark://127.0.0.1:{port}")
-    assert time.monotonic() - start < score.MASTER_CONNECT_TIMEOUT + 5
+        spark_job.check_master(f"spark://127.0.0.1:{port}")
+    assert time.monotonic() - start < spark_job.MASTER_CONNECT_TIMEOUT + 5
 
 
 def test_the_step_logs_its_run(spark, model, tmp_path):
