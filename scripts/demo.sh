@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
 export GIT_PYTHON_REFRESH=quiet
 EXPERIMENT=${EXPERIMENT:-bin-counter-demo}
+MODEL=bin-counter-demo  # scripts/demo.params model_name: apart from the real-data bin-counter
 PORT=${PORT:-5001}
 SEED=${SEED:-42}
 
@@ -15,18 +16,18 @@ mlflow run . --env-manager local --experiment-name "$EXPERIMENT" "${params[@]}" 
 
 python - <<'PY'
 from bincounter.registry import champion_evaluation
-found = champion_evaluation("bin-counter")
+found = champion_evaluation("bin-counter-demo")
 if found is None or found[1] is None:
     raise SystemExit("demo: no evaluated champion")
 version, ev = found
 m = ev.data.metrics
-print(f"== champion bin-counter v{version.version} on {int(m['test_size'])} held-out generated bins:")
+print(f"== champion bin-counter-demo v{version.version} on {int(m['test_size'])} held-out generated bins:")
 for k in ("accuracy", "rmse", "mae", "within1_accuracy"):
     print(f"  {k:17s} {m['test_' + k]:.3f}   (majority baseline {m['baseline_' + k]:.3f})")
 PY
 
-echo "== serving models:/bin-counter@champion on 127.0.0.1:$PORT"
-mlflow models serve -m models:/bin-counter@champion --env-manager local -h 127.0.0.1 -p "$PORT" \
+echo "== serving models:/$MODEL@champion on 127.0.0.1:$PORT"
+mlflow models serve -m models:/$MODEL@champion --env-manager local -h 127.0.0.1 -p "$PORT" \
   >mlflow-serve.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
@@ -47,8 +48,8 @@ PY
 cat <<TXT
 
 Done. Next:
-  mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI      # compare runs (experiment $EXPERIMENT), registry: bin-counter @champion
+  mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI      # compare runs (experiment $EXPERIMENT), registry: $MODEL @champion
     then open http://127.0.0.1:5000/#/experiments/$(python -c "import mlflow; print(mlflow.get_experiment_by_name('$EXPERIMENT').experiment_id)")/runs?workflowType=machine_learning&viewStateShareKey=bincounter
-  mlflow models serve -m models:/bin-counter@champion --env-manager local -p $PORT
-  bincounter predict photos/*.jpg --model models:/bin-counter@champion
+  mlflow models serve -m models:/$MODEL@champion --env-manager local -p $PORT
+  bincounter predict photos/*.jpg --model models:/$MODEL@champion
 TXT

@@ -25,7 +25,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from bincounter import entry
+from bincounter import entry, registry
 from bincounter.runs import create_project_run, start_step
 from bincounter.train_config import MONITORS, TUNABLE, TrainConfig
 from steps import hpo as hpo_step
@@ -192,9 +192,28 @@ def main(args: argparse.Namespace) -> dict[str, str]:
         if args.refit:
             train = step("train", dict(split_run_id=split, refit_of=train), key="refit")
             step("evaluate", dict(model_uri=f"runs:/{train}/model", split_run_id=split), key="refit_evaluate")
-        step("register", dict(run_id=train, name=args.model_name))
+        register = step("register", dict(run_id=train, name=args.model_name))
         print("main: " + ", ".join(f"{k} {v}" for k, v in ids.items()))
+        verdict(register, split, train)
         return ids
+
+
+def verdict(register_run_id: str, split_run_id: str, train_run_id: str) -> None:
+    """Say last, where nobody misses it, whether the new version serves; if the gate kept it a challenger, why
+    and what to do (the gate's reason alone ends a long chain's output unnoticed)."""
+    tags = mlflow.get_run(register_run_id).data.tags
+    name, version = tags["bincounter.registered_model"], tags["bincounter.version"]
+    if tags["bincounter.verdict"] == registry.CHAMPION:
+        print(f"main: models:/{name}@champion is version {version}: `bincounter predict` and the served model use it")
+        return
+    print(f"main: {name} version {version} is NOT the champion (it stays @challenger), so `bincounter predict "
+          f"--model models:/{name}@champion` still answers with the old champion. Why: "
+          f"{tags['bincounter.gate_reason']}\n"
+          f"  to compare on the same bins: mlflow run . -e evaluate --env-manager local "
+          f"-P model_uri=models:/{name}@champion -P split_run_id={split_run_id}, then "
+          f"mlflow run . -e register --env-manager local -P run_id={train_run_id} -P name={name}\n"
+          f"  to serve it anyway: bincounter promote --name {name} --version {version}\n"
+          f"  to keep it apart from that champion: rerun with -P model_name=<another name>")
 
 
 if __name__ == "__main__":

@@ -145,3 +145,26 @@ def test_the_demo_learns_what_the_readme_says(tmp_path, seed):
     assert train.data.params["hp_monitor"] == "val_accuracy"  # the kept epoch is the best by accuracy
     history = mlflow.MlflowClient().get_metric_history(version.run_id, "val_accuracy")
     assert train.data.metrics["best_val_accuracy"] == max(h.value for h in history)
+
+
+def register_run(verdict: str, reason: str) -> str:
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"bincounter.registered_model": "bin-counter", "bincounter.version": "2",
+                         "bincounter.verdict": verdict, "bincounter.gate_reason": reason})
+    return run.info.run_id
+
+
+def test_main_ends_saying_whether_the_new_version_serves_and_what_to_do_if_not(capsys):
+    main_step.verdict(register_run("champion", "no champion yet"), "s1", "t1")
+    assert "models:/bin-counter@champion is version 2" in capsys.readouterr().out
+    main_step.verdict(register_run("challenger", "the test data differ: ..."), "s1", "t1")
+    out = capsys.readouterr().out
+    assert "bin-counter version 2 is NOT the champion" in out and "the test data differ" in out
+    assert "-P model_uri=models:/bin-counter@champion -P split_run_id=s1" in out  # evaluate the champion on the split
+    assert "-P run_id=t1 -P name=bin-counter" in out and "bincounter promote --name bin-counter --version 2" in out
+
+
+def test_the_demo_registers_apart_from_the_real_data_model():
+    """make demo's model is not `bin-counter`: a real-data run's champion never competes with generated bins."""
+    assert demo_params()["model_name"] == "bin-counter-demo"
+    assert "models:/$MODEL@champion" in (ROOT / "scripts" / "demo.sh").read_text()
