@@ -338,8 +338,36 @@ def model_dir(model_uri: str, dst: str | Path) -> Path:
     return found
 
 
+def logged_classes(model_uri: str) -> list[int]:
+    """A logged bin counter's URI (`runs:/`, `models:/`) -> the counts it tells apart (its config's `classes`),
+    reading its config alone where the model is laid out as log_model lays it out. ValueError naming the URI when
+    it cannot be read or is not a bin counter."""
+    try:
+        try:  # the config alone, not the weights beside it
+            path = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts/model_dir/{CONFIG_FILE}"))
+            return [int(c) for c in json.loads(path.read_text())["classes"]]
+        except (mlflow.exceptions.MlflowException, OSError):
+            with tempfile.TemporaryDirectory() as tmp:  # another layout (a run's root): find the config
+                config = json.loads((model_dir(model_uri, tmp) / CONFIG_FILE).read_text())
+                return [int(c) for c in config["classes"]]
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise ValueError(f"{model_uri}: cannot read the model ({getattr(e, 'message', None) or e})") from None
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{model_uri}: its {CONFIG_FILE} lists no classes (not a bin counter model)") from None
+
+
 def load(model_uri: str) -> BaseCounter:
     """A `runs:/`/`models:/` URI or a local model folder -> its BinCounter or Ensemble (through
     mlflow.pyfunc.load_model)."""
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     return pyfunc.unwrap_python_model().counter
+
+
+def __getattr__(name: str):
+    """Models logged before the pyfunc wrapper moved to pyfunc_model.py carry a code file that imports
+    `BinCounterModel` from here: they keep loading (imported late, as pyfunc_model imports this module)."""
+    if name == "BinCounterModel":
+        from bincounter.pyfunc_model import BinCounterModel
+
+        return BinCounterModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -175,6 +175,27 @@ def test_the_served_model_holds_no_pickle_and_refuses_pickled_code(store, tmp_pa
     assert not marker.exists()
 
 
+# the code file every model logged before the pyfunc wrapper moved into bincounter/pyfunc_model.py carries
+OLD_CODE_FILE = """\"\"\"Models-from-code entry: MLflow runs this file to get the model object; nothing is unpickled.\"\"\"
+import mlflow
+
+from bincounter.serving import BinCounterModel
+
+mlflow.models.set_model(BinCounterModel())
+"""
+
+
+def test_a_model_logged_before_the_wrapper_moved_still_loads_and_counts(store, tmp_path):
+    tiny = build_tiny_model(store / "tiny-model")
+    local = Path(mlflow.artifacts.download_artifacts(tiny.model_uri, dst_path=str(tmp_path / "model")))
+    code = next(local.rglob("pyfunc_model.py"))
+    code.write_text(OLD_CODE_FILE)
+    model = mlflow.pyfunc.load_model(str(local))
+    photo = next(tiny.images.glob("*.jpg")).read_bytes()
+    out = model.predict(pd.DataFrame({"image": [photo]}))
+    assert out["error"].isna().all() and int(out["count"].iloc[0]) in CLASSES
+
+
 def test_batched_inference_equals_one_image_at_a_time_and_keeps_bad_rows_apart(monkeypatch):
     """The parallel, chunked path gives each image the probabilities a lone forward gives it; bad images get
     their own message in their own row and never move the others."""
