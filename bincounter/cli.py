@@ -3,7 +3,8 @@
   bincounter predict IMAGES... [--model URI [--target_mix MIX] | --endpoint NAME [--region R]]
                      [--output out.csv|out.json]
   bincounter reconcile --images DIR --expected METADATA_DIR|labels.csv [--model URI] [--threshold P]
-                       [--target_mix MIX] [--report report.html] [--output out.csv] [--log-mlflow]
+                       [--target_mix MIX] [--report report.html] [--recounts sheet.csv] [--output out.csv]
+                       [--log-mlflow]
   bincounter promote --name bin-counter --version N
   bincounter rollback --name bin-counter
 
@@ -26,7 +27,7 @@ from mlflow.exceptions import MlflowException
 
 from bincounter import calibration, priors
 from bincounter import reconcile as rec
-from bincounter import registry, report
+from bincounter import recounts, registry, report
 from bincounter.deploy import DeployError, endpoint_predictor
 from bincounter.predict import find_images, local_predictor, predict_files
 from bincounter.serving import BaseCounter, Settings, load
@@ -58,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                          "chosen on validation for a catch rate; 0.2 for models logged before calibration)")
     add_target_mix(rc)
     rc.add_argument("--report", help="write an HTML report (flagged bins with thumbnails) here")
+    rc.add_argument("--recounts", help="write the recount sheet here (.csv): the flagged bins, riskiest first, with "
+                                       "an empty `recount` column to fill in and give to ingest (default: beside "
+                                       "--report as <report name>.recounts.csv; none without --report)")
     rc.add_argument("--output", help="write the per-bin table to this .csv or .json file")
     rc.add_argument("--log-mlflow", action="store_true", help="log a `reconcile` run with the report and summary")
 
@@ -134,11 +138,24 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     output = getattr(args, "output", None)
     if output and not output.endswith(OUTPUT_SUFFIXES):
         parser.error(f"--output must end in .csv or .json, got {output}")
-    for option in ("output", "report"):
+    sheet = getattr(args, "recounts", None)
+    if sheet and not sheet.lower().endswith(".csv"):
+        parser.error(f"--recounts must end in .csv, got {sheet}")
+    for option in ("output", "report", "recounts"):
         path = getattr(args, option, None)
         why = path and _writable(path)
         if why:
             parser.error(f"--{option} {path}: {why}")
+
+
+def sheet_path(args: argparse.Namespace) -> Path | None:
+    """Where reconcile writes the recount sheet: --recounts, else `<report stem>.recounts.csv` beside --report,
+    else nowhere (None)."""
+    if args.recounts:
+        return Path(args.recounts)
+    if args.report:
+        return Path(args.report).with_name(f"{Path(args.report).stem}.recounts.csv")
+    return None
 
 
 def _save_elsewhere(df: pd.DataFrame) -> None:
@@ -186,26 +203,36 @@ def reconcile(args: argparse.Namespace) -> None:
     df = rec.reconcile(find_images([args.images]), expected, bad_metadata, local_predictor(counter, settings),
                        threshold)
     stats = rec.summary(df, threshold)
-    flagged = df[df["flagged"]].sort_values("p_expected")
+    # the flagged bins, riskiest first; absolute photo paths: the sheet is filled in, and read back by ingest,
+    # from anywhere
+    sheet = recounts.recount_sheet(df.assign(path=[p if pd.isna(p) else str(Path(p).resolve()) for p in df["path"]]))
     with pd.option_context("display.max_rows", None, "display.width", 200):
-        if len(flagged):
-            print(flagged[["image_id", "expected_quantity", "predicted", "p_expected"]].to_string(index=False))
+        if len(sheet):
+            print(sheet[["rank", "image_id", "expected_quantity", "predicted", "p_expected"]].to_string(index=False))
     print("  ".join(f"{k}={v}" if not isinstance(v, float) else f"{k}=n/a (no bin checked)" if v != v
                     else f"{k}={v:.3f}" for k, v in stats.items()))
     for line in rec.problems(df):
         print(line, file=sys.stderr)
     print(promise)
     # the finished table first, then what derives from it; one failed write never stops the others
-    failed, report_path, table_written = [], None, False
+    failed, report_path, table_written, sheet_written = [], None, False, None
     if args.output:
         try:
             _write(df, args.output)
             table_written = True
         except OSError as e:
             failed.append(f"--output {args.output}: {e.strerror or e}")
+    if sheet_path(args):
+        try:
+            sheet_written = recounts.write_sheet(sheet, sheet_path(args))
+            print(f"wrote {sheet_written}: {len(sheet)} bin{'' if len(sheet) == 1 else 's'} to recount, riskiest "
+                  "first (fill in the recount column)")
+        except OSError as e:
+            failed.append(f"--recounts {sheet_path(args)}: {e.strerror or e}")
     if args.report:
         try:
-            Path(args.report).write_text(report.html_report(df, stats, args.model, promise))
+            link = sheet_written and os.path.relpath(sheet_written.resolve(), Path(args.report).resolve().parent)
+            Path(args.report).write_text(report.html_report(df, stats, args.model, promise, link or None))
             report_path = Path(args.report)
             print(f"wrote {report_path}")
         except (OSError, ValueError) as e:  # ValueError: an image unreadable since it was counted
@@ -214,7 +241,7 @@ def reconcile(args: argparse.Namespace) -> None:
         try:
             run_id = report.log_run(df, stats, report_path, {"model": args.model, "images": args.images,
                                                              "expected": args.expected, "threshold": threshold,
-                                                             "target_mix": settings.target_mix})
+                                                             "target_mix": settings.target_mix}, sheet)
             print(f"logged run {run_id}")
         except (OSError, MlflowException) as e:
             failed.append(f"--log-mlflow: {e.message if isinstance(e, MlflowException) else e}")

@@ -7,8 +7,8 @@ The cache (`cache_dir`, `data/` by default) is content-addressed and shared by a
 A record whose cached file is present and intact means "done": a rerun fetches nothing for that image, and a
 run killed at any moment resumes where it stopped; the temporary files such a run leaves (`.<name>.<random>.tmp`
 beside the files being written) are removed by the next run. Bad items become rejects (a reason code and a
-message); they never stop the run. Several sources (local folders) are ingested one after another into one
-manifest (ingest_many), each with its own records.
+message); they never stop the run. Several sources (local folders, recounts) are ingested one after another into
+one manifest (ingest_many), each with its own records, beside what the sources refused while finding their photos.
 """
 from __future__ import annotations
 
@@ -23,14 +23,16 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from bincounter import abid
-from bincounter.manifest import COLUMNS, REJECT_COLUMNS, REQUIRED, atomic_write_bytes, metric_key
-from bincounter.sources import MissingObject, Source, SourceError
+from bincounter import abid, layouts, recounts
+from bincounter.manifest import REJECT_COLUMNS, REQUIRED, atomic_write_bytes, from_rows, metric_key
+from bincounter.sources import LocalSource, MissingObject, Source, SourceError
 from bincounter.transforms import REASONS as IMAGE_REASONS
 from bincounter.transforms import ImageError, decode_image
 
-REASONS = ["missing_image", *IMAGE_REASONS, "bad_metadata", "unknown_count", "count_mismatch", "count_out_of_range",
-           "fetch_error"]  # the decoder's reasons (transforms.REASONS) among them
+_INGEST_REASONS = ["missing_image", *IMAGE_REASONS, "bad_metadata", "unknown_count", "count_mismatch",
+                   "count_out_of_range", "fetch_error"]  # the decoder's reasons (transforms.REASONS) among them
+# and those of finding photos (a folder per count, a CSV) and reading a recount sheet, before ingest reads any
+REASONS = list(dict.fromkeys([*_INGEST_REASONS, *layouts.REASONS, *recounts.REASONS]))
 JPEG_QUALITY = 90
 # source and count_from are set by the run that reads a record (records made before count_from lack it)
 RECORD_KEYS = {*REQUIRED, "cache_sha256", "metadata_count"}
@@ -169,7 +171,8 @@ class _Worker:
                 metadata_count = None if raw is None else self._parse(raw, image_id)
             count, count_from = self._count(image_id, listed, metadata_count)
             # the record is this source's own (records are kept per source tag): never another folder's photo
-            origin = {"source": self.source.row_source(image_id), "count_from": count_from}
+            origin = {"source": self.source.row_source(image_id), "count_from": count_from,
+                      **self.source.columns(image_id)}
             if rec is not None and rec["count"] == count and self.cache.intact(rec):
                 return {**self.cache.row(rec), **origin}, None, "cache_hits", got_metadata
             data = self._image(image_id)
@@ -252,7 +255,7 @@ def ingest(items: dict[str, int | None], source: Source, cache_dir: str | Path, 
             else:
                 rejects.append({"image_id": futures[f], "reason": reject.reason, "detail": reject.detail})
             bar.update()
-    manifest = pd.DataFrame(rows, columns=COLUMNS).sort_values("image_id", ignore_index=True)
+    manifest = from_rows(rows).sort_values("image_id", ignore_index=True)
     rejected = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("image_id", ignore_index=True)
     stats.update(ingested=len(manifest), rejected=len(rejected))
     stats.update({f"rejected_{r}": int((rejected["reason"] == r).sum()) for r in REASONS})
@@ -263,37 +266,56 @@ def ingest(items: dict[str, int | None], source: Source, cache_dir: str | Path, 
 
 def ingest_many(parts: list[tuple[Source, dict[str, int | None]]], cache_dir: str | Path, cache_size: int,
                 count_range: tuple[int, int], downloads: int, duplicates: dict[str, list] | None = None,
-                progress: bool = True, metadata_wins: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                progress: bool = True, metadata_wins: bool = False,
+                found: list[tuple[Source, pd.DataFrame]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """[(source, its items), ...] -> one (manifest, rejects, stats): ingest() of each source in turn, the tables
     concatenated and sorted by image_id, the stats summed, and per named source (a LocalSource's `name`, as
     manifest.metric_key spells it) ingested_<name> and rejected_<name>.
     `duplicates` ({image_id: the sources that have it, the one ingested first}) become rejects with reason
     duplicate_id naming those sources, counted in duplicate_ids (not in rejected: ingested + rejected is still
-    the number of bins listed)."""
-    manifests, rejects, stats = [], [], {}
+    the number of bins listed). `found` ([(source, rejects)]: what the sources refused while finding their photos,
+    Source.rejects) joins the rejects, counted in rejected, rejected_<reason> and rejected_<name>."""
+    manifests, rejects = [from_rows([])], []
+    # every key, also when no source has a bin left to ingest
+    stats = dict.fromkeys(["ingested", "rejected", *(f"rejected_{r}" for r in REASONS), "cache_hits", "downloaded",
+                           "not_downloaded", "metadata_downloaded", "temp_files_removed",
+                           *(f"count_{c}" for c in range(count_range[0], count_range[1] + 1)), "label_conflicts"], 0)
     for source, items in parts:
         m, r, s = ingest(items, source, cache_dir, cache_size, count_range, downloads, progress, metadata_wins)
         manifests.append(m)
         rejects.append(r)
         for k, v in s.items():
             stats[k] = stats.get(k, 0) + v
-        if source.name:
-            key = metric_key(source.name)
-            stats[f"ingested_{key}"] = stats.get(f"ingested_{key}", 0) + len(m)
-            stats[f"rejected_{key}"] = stats.get(f"rejected_{key}", 0) + len(r)
-    dups = [{"image_id": i, "reason": "duplicate_id", "detail": duplicate_detail(i, found)}
-            for i, found in sorted((duplicates or {}).items())]
+        _count_source(stats, source, len(m), len(r))
+    for source, r in found or []:
+        rejects.append(r)
+        stats["rejected"] += len(r)
+        for reason, n in r["reason"].value_counts().items():
+            stats[f"rejected_{reason}"] = stats.get(f"rejected_{reason}", 0) + int(n)
+        _count_source(stats, source, 0, len(r))
+    dups = [{"image_id": i, "reason": "duplicate_id", "detail": duplicate_detail(i, f)}
+            for i, f in sorted((duplicates or {}).items())]
     rejects.append(pd.DataFrame(dups, columns=REJECT_COLUMNS))
     stats["duplicate_ids"] = len(dups)
-    manifest = pd.concat(manifests, ignore_index=True).sort_values("image_id", ignore_index=True)
     # empty tables left out: pandas warns about concatenating them
+    manifest = pd.concat([m for m in manifests if not m.empty] or manifests[:1], ignore_index=True)
     rejected = pd.concat([r for r in rejects if not r.empty] or [rejects[-1]], ignore_index=True)
-    return manifest, rejected.sort_values("image_id", kind="stable", ignore_index=True), stats
+    return (manifest.sort_values("image_id", ignore_index=True),
+            rejected.sort_values("image_id", kind="stable", ignore_index=True), stats)
+
+
+def _count_source(stats: dict, source: Source, ingested: int, rejected: int) -> None:
+    """Add to ingested_<name> and rejected_<name> of a named source (manifest.metric_key spells the name)."""
+    if source.name:
+        key = metric_key(source.name)
+        stats[f"ingested_{key}"] = stats.get(f"ingested_{key}", 0) + ingested
+        stats[f"rejected_{key}"] = stats.get(f"rejected_{key}", 0) + rejected
 
 
 def duplicate_detail(image_id: str, found: list) -> str:
     """-> `00123: bin-images/00123.jpg is in abid-sample (/x/abid-sample) and abid-more (/y/abid-more); took
-    abid-sample's` (`found`: the LocalSources that have it, the one ingested first)."""
-    names = [f"{f.name} ({f.root})" for f in found]
-    return (f"{image_id}: {abid.image_key(image_id)} is in {', '.join(names[:-1])} and {names[-1]}; "
-            f"took {found[0].name}'s")
+    abid-sample's` (`found`: the sources that have it, the one ingested first; `bin 00123` where not all are
+    ABID-layout folders)."""
+    names = [f"{f.name} ({f.dataset_source})" for f in found]
+    what = abid.image_key(image_id) if all(isinstance(f, LocalSource) for f in found) else f"bin {image_id}"
+    return f"{image_id}: {what} is in {', '.join(names[:-1])} and {names[-1]}; took {found[0].name}'s"

@@ -58,6 +58,12 @@ def readable_id(relative: str) -> str:
     return "_" + text[1:] if text.startswith(".") else text
 
 
+def safe_id(image_id: str) -> bool:
+    """Whether an id given as written (a CSV's, a recount sheet's) is safe as a file name, as the cache names
+    one: letters, digits, `.`, `_` and `-`, not starting with a dot, at most MAX_ID characters."""
+    return bool(_SAFE_ID.fullmatch(image_id)) and len(image_id) <= MAX_ID
+
+
 def path_hash(relative: str) -> str:
     """A relative path -> the 8 hex digits an id that clashes is given (the start of its sha256)."""
     return hashlib.sha256(relative.encode()).hexdigest()[:8]
@@ -200,7 +206,7 @@ def _csv(csv_path: Path, count_range: tuple[int, int], images, rejects: list[dic
         given = rec.get("image_id", "").strip() or None
         cell = rec.get("path", "").strip()
         try:
-            if given is not None and not (_SAFE_ID.fullmatch(given) and len(given) <= MAX_ID):
+            if given is not None and not safe_id(given):
                 raise _Bad("bad_id", f"image_id {given!r} is not safe as a file name (letters, digits, . _ -)")
             rel, real = _csv_path(cell, home) if "path" in table else _id_photo(given, by_stem, folder)
             count = _in_range(abid.quantity(rec["count"], "count"), count_range)  # metadata's rule: `3.0` is 3

@@ -4,7 +4,11 @@ Columns: image_id (text, as the bucket names it), count, path (cached image on l
 original object), width, height (of the original), source (where the bin came from: a local folder's name such as
 `abid-more`, or the object's URI: `s3://<bucket>/bin-images/<id>.jpg`, `synthetic://seed=<seed>/bin-images/<id>`),
 count_from (`metadata`: the count is the metadata's EXPECTED_QUANTITY; `labels`: the item list's count, from
-labels.csv, file_list.json or the generator). Manifests made before count_from existed lack it; they still read.
+labels.csv, file_list.json, a folder per count, a CSV or the generator; `recount`: a person's recount, from a
+filled recount sheet), original (the photo as it was found: `3/IMG_0042.JPG` relative to a folder or a CSV's folder,
+`bin-images/7.PNG`, a recount sheet's path or URI; empty for the bucket and the generator), recounted_on (the date
+of a recount, `2024-05-31`; empty for other bins). Manifests made before count_from, original or recounted_on
+existed lack them; they still read.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 REQUIRED = ["image_id", "count", "path", "sha256", "width", "height", "source"]  # what every manifest has
-COLUMNS = [*REQUIRED, "count_from"]
+COLUMNS = [*REQUIRED, "count_from", "original", "recounted_on"]
 REJECT_COLUMNS = ["image_id", "reason", "detail"]
 SPLITS = ("train", "val", "test")  # a split run's parts, each logged as split_artifact(part)
 
@@ -54,7 +58,8 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """manifest.csv (or a split CSV) -> DataFrame with image_id kept as text. Raises on missing columns."""
-    df = pd.read_csv(path, dtype={"image_id": str, "sha256": str, "path": str, "source": str, "count_from": str})
+    df = pd.read_csv(path, dtype={"image_id": str, "sha256": str, "path": str, "source": str, "count_from": str,
+                                  "original": str, "recounted_on": str})
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {path}: missing columns {missing}")
@@ -64,6 +69,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 def empty_manifest() -> pd.DataFrame:
     return pd.DataFrame(columns=COLUMNS)
+
+
+def from_rows(rows: list[dict]) -> pd.DataFrame:
+    """Manifest rows (dicts; a row may lack the optional columns) -> the manifest, COLUMNS, its optional text
+    columns typed as read_manifest reads them back (text, missing where empty; also where no row has one)."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ("count_from", "original", "recounted_on"):
+        df[c] = pd.Series(df[c].tolist(), index=df.index, dtype=str)
+    return df
 
 
 def check_fractions(train: float, val: float, test: float) -> None:

@@ -203,6 +203,17 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: bool
     return model
 
 
+def check_classes(weights: str, weights_classes: list[int], classes: list[int]) -> None:
+    """Fine-tuning from the model `weights` (its URI), which counts `weights_classes`, on data of `classes`:
+    ValueError naming the model and both lists unless they are the same counts in the same order (its head's
+    outputs mean its counts: kept for other counts of the same number, they would mean the wrong ones)."""
+    theirs, ours = [int(c) for c in weights_classes], [int(c) for c in classes]
+    if theirs != ours:
+        raise ValueError(f"weights {weights} counts {', '.join(map(str, theirs))}, but the data's counts are "
+                         f"{', '.join(map(str, ours))}: fine-tune it on data of its counts (ingest with count_min="
+                         f"{min(theirs)} count_max={max(theirs)}), or start from weights=imagenet or none")
+
+
 def is_head(arch: str, param_name: str) -> bool:
     """Whether a parameter (a `named_parameters` name) belongs to the classifier head of `arch`."""
     return param_name.startswith(get_arch(arch).head + ".")

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from bincounter import abid
+from bincounter import abid, layouts
 from bincounter.manifest import REJECT_COLUMNS, atomic_write_bytes
 
 # what a person reads left to right: which bin, what the record and the model say, the cell to fill, then the
@@ -82,6 +82,9 @@ def read_sheet(path: str | Path, classes: list[int] | None = None,
         try:
             if not image_id:
                 raise _Bad("bad_id", f"{where}: image_id is blank")
+            if not layouts.safe_id(image_id):  # the cache names a file by it
+                raise _Bad("bad_id", f"{where}: image_id {image_id!r} is not safe as a file name (letters, digits, "
+                                     f". _ -)")
             count = abid.quantity(raw, f"{where}: recount")  # the project's rule: `3.0` is 3, `3.5` is not
             if allowed is not None and count not in allowed:
                 raise _Bad("count_out_of_range", f"{where}: recount {count} is not one of the model's counts "

@@ -1,18 +1,23 @@
 """What a run of the inventory check leaves for people: a self-contained HTML page (`html_report`) and an MLflow
-`reconcile` run (`log_run`), both from the per-bin table of reconcile.check and its reconcile.summary."""
+`reconcile` run (`log_run`), both from the per-bin table of reconcile.check and its reconcile.summary, and the
+recount sheet of its flagged bins (bincounter.recounts)."""
 from __future__ import annotations
 
 import base64
 import html
 import io
+import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import pandas as pd
 
+from bincounter.recounts import write_sheet
 from bincounter.transforms import decode_image
 
 THUMB = 160  # px, longest side of a report thumbnail
+RECOUNTS = "recounts.csv"  # the recount sheet's name in a run's artifacts (reconcile's and score's)
 
 
 def _thumbnail(path: str) -> str:
@@ -42,12 +47,15 @@ def _bars(row, classes: list[int]) -> str:
     return f"<svg width='{len(classes) * (w + gap)}' height='{h + 13}' role='img'>{''.join(bars)}</svg>"
 
 
-def html_report(df: pd.DataFrame, stats: dict, model: str, promise: str = "") -> str:
+def html_report(df: pd.DataFrame, stats: dict, model: str, promise: str = "", recounts: str | None = None) -> str:
     """A self-contained HTML page: the summary and what the threshold promises (`promise`), the flagged bins
     (least likely record first) with thumbnails and their count distributions, and the bins that could not be
-    checked."""
+    checked. `recounts`: the recount sheet's path relative to the page, linked above the flagged bins."""
     e = html.escape
-    flagged = df[df["flagged"]].sort_values("p_expected")
+    sheet = "" if not recounts else (
+        f"<p>Recount sheet: <a href='{e(quote(recounts))}'>{e(recounts)}</a>: these bins, riskiest first, with a "
+        f"<code>recount</code> column to fill in after counting them.</p>")
+    flagged = df[df["flagged"]].sort_values(["p_expected", "image_id"], kind="stable")  # the recount sheet's order
     classes = [int(c[2:]) for c in df.columns if c.startswith("p_") and c[2:].isdigit()]
     head = "".join(f"<tr><th>{e(k)}</th><td>{v:.3f}</td></tr>" if isinstance(v, float)
                    else f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in stats.items())
@@ -68,7 +76,7 @@ def html_report(df: pd.DataFrame, stats: dict, model: str, promise: str = "") ->
 the expected quantity, the bold number the predicted count.</p>
 <h2>Summary</h2><table>{head}</table>
 <h2>Flagged bins ({len(flagged)})</h2>
-<table><tr><th>photo</th><th>bin</th><th>expected</th><th>predicted</th><th>p(expected)</th><th>confidence</th><th>counts</th></tr>
+{sheet}<table><tr><th>photo</th><th>bin</th><th>expected</th><th>predicted</th><th>p(expected)</th><th>confidence</th><th>counts</th></tr>
 {rows}</table>
 <h2>Not checked ({len(others)})</h2>
 <table><tr><th>bin</th><th>status</th><th>detail</th></tr>{problems}</table>
@@ -76,9 +84,10 @@ the expected quantity, the bold number the predicted count.</p>
 """
 
 
-def log_run(df: pd.DataFrame, stats: dict, report: Path | None, params: dict) -> str:
-    """A `reconcile` run in the current experiment with the parameters, summary metrics, the table and the
-    report. -> run id."""
+def log_run(df: pd.DataFrame, stats: dict, report: Path | None, params: dict,
+            sheet: pd.DataFrame | None = None) -> str:
+    """A `reconcile` run in the current experiment with the parameters, summary metrics, the table, the report
+    and the recount sheet (`sheet`, recounts.recount_sheet's) as `recounts.csv`. -> run id."""
     with mlflow.start_run() as run:
         mlflow.set_tag("bincounter.step", "reconcile")
         mlflow.log_params(params)
@@ -86,4 +95,13 @@ def log_run(df: pd.DataFrame, stats: dict, report: Path | None, params: dict) ->
         mlflow.log_text(df.to_csv(index=False), "reconcile.csv")
         if report is not None:
             mlflow.log_artifact(str(report))
+        if sheet is not None:
+            log_sheet(sheet)
         return run.info.run_id
+
+
+def log_sheet(sheet: pd.DataFrame) -> None:
+    """Log a recount sheet (recounts.recount_sheet's) into the active run as `recounts.csv`, as write_sheet
+    writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(write_sheet(sheet, Path(tmp) / RECOUNTS)))

@@ -18,14 +18,15 @@ core. The session and the output folder are spark_job's.
 
 Output (a folder, spark_job.OutputFolder): `scores.parquet/` (and `scores.csv/` when asked) with image_id,
 source, count, confidence, p_<c>, review (when the model has it), error, and with the inventory check
-expected_quantity, p_expected, flagged, status; `score.json` (what ran, the row counts) marks it as a score
-output. It is written beside the old one and swapped in: a rerun replaces the output as a whole, never a mix of
-two runs.
+expected_quantity, p_expected, flagged, status, and `recounts.csv`, the recount sheet of the flagged bins
+(bincounter.recounts); `score.json` (what ran, the row counts) marks it as a score output. It is written beside
+the old one and swapped in: a rerun replaces the output as a whole, never a mix of two runs.
 """
 from __future__ import annotations
 
 import io
 import json
+import tempfile
 import threading
 import time
 import uuid
@@ -40,10 +41,11 @@ import pandas as pd
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
-from bincounter import abid
+from bincounter import abid, recounts
 from bincounter import reconcile as rec
 from bincounter.manifest import read_manifest
 from bincounter.predict import IMAGE_SUFFIXES, find_images, read_file
+from bincounter.report import RECOUNTS
 from bincounter.runs import download_uri
 from bincounter.sources import MissingObject, S3Source, SourceError, anonymous_client, signed_client
 from bincounter.spark_job import MARKER, OutputFolder
@@ -366,6 +368,7 @@ def score(spark, photos: Photos, model: Model, output: str, partitions: int = 0,
         if expected is not None:
             stats["check"] = inventory_summary(table, expected)
             stats["flagged"] = stats["check"]["bins_flagged"]
+            new.write_text(RECOUNTS, _sheet_text(recount_sheet(table)))
         new.write_text(MARKER, json.dumps({"input": photos.input, "model_uri": model.uri, **stats}, indent=1))
         target.replace(new)
     except BaseException:
@@ -387,3 +390,24 @@ def inventory_summary(table, expected: Expected) -> dict:
             columns=["image_id", "status", "flagged"])
         bins = pd.concat([bins, rest], ignore_index=True)
     return rec.summary(bins, expected.threshold)
+
+
+def recount_sheet(table) -> pd.DataFrame:
+    """A score table with the inventory check (a Spark DataFrame) -> its recount sheet (recounts.recount_sheet):
+    the flagged bins, riskiest first, `photo` their path or s3:// URI. Flagged bins are few: they are collected
+    to the driver."""
+    flagged = table.where("flagged").selectExpr("image_id", "source AS path", "expected_quantity",
+                                                "`count` AS predicted", "p_expected", "flagged")
+    return recounts.recount_sheet(flagged.toPandas())
+
+
+def output_sheet(spark, output: str) -> pd.DataFrame:
+    """A score output written with the inventory check -> its recount sheet, from its table (the sheet the
+    output's `recounts.csv` holds)."""
+    return recount_sheet(spark.read.parquet(OutputFolder(spark, output).child(TABLE)))
+
+
+def _sheet_text(sheet: pd.DataFrame) -> str:
+    """The sheet as recounts.write_sheet writes it (a BOM first), as text for OutputFolder.write_text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return recounts.write_sheet(sheet, Path(tmp) / RECOUNTS).read_text(encoding="utf-8")

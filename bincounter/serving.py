@@ -344,7 +344,8 @@ def logged_classes(model_uri: str) -> list[int]:
     it cannot be read or is not a bin counter."""
     try:
         try:  # the config alone, not the weights beside it
-            path = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts/model_dir/{CONFIG_FILE}"))
+            config_uri = f"{model_uri.rstrip('/')}/artifacts/model_dir/{CONFIG_FILE}"
+            path = Path(mlflow.artifacts.download_artifacts(config_uri))
             return [int(c) for c in json.loads(path.read_text())["classes"]]
         except (mlflow.exceptions.MlflowException, OSError):
             with tempfile.TemporaryDirectory() as tmp:  # another layout (a run's root): find the config

@@ -1,5 +1,6 @@
 """Where image and metadata bytes come from: the ABID bucket on S3, a local folder in the bucket's layout, or
-the synthetic bin generator. Every source offers the same interface, `Source`: what ingest reads.
+the synthetic bin generator (photos in other layouts and recounts: bincounter.photo_source). Every source offers
+the same interface, `Source`: what ingest reads.
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import boto3
+import pandas as pd
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.data.code_dataset_source import CodeDatasetSource
 
 from bincounter import abid, synthetic
-from bincounter.manifest import metric_key
+from bincounter.layouts import abid_photos
+from bincounter.manifest import REJECT_COLUMNS
 
 # Error codes S3 answers for a key that is not there; never retried.
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -46,7 +49,8 @@ def short_hash(text: str) -> str:
 @runtime_checkable
 class Source(Protocol):
     """What ingest reads from a source: S3Source, LocalSource, SyntheticSource (and NotInFolders, where the ids
-    that none of several folders has go).
+    that none of several folders has go; photo_source's PhotoSource and RecountSource). A source that subclasses
+    it inherits `rejects` and `columns`: nothing refused, no column of its own.
 
     `name`: the source in tables and metric names (`s3://<bucket>`, `synthetic://seed=<seed>`, a folder's name;
     None: no metrics of its own); `tag`: names its records in the cache (the same image id from two sources never
@@ -81,8 +85,17 @@ class Source(Protocol):
         """The image's metadata JSON, None when it has none. SourceError or OSError when it cannot be read."""
         ...
 
+    def rejects(self) -> pd.DataFrame:
+        """What the source refused while finding its photos (REJECT_COLUMNS), before ingest reads any."""
+        return pd.DataFrame(columns=REJECT_COLUMNS)
 
-class S3Source:
+    def columns(self, image_id: str) -> dict[str, str]:
+        """The image's optional manifest columns (`original`, `recounted_on`; `count_from` where the source
+        decides it)."""
+        return {}
+
+
+class S3Source(Source):
     """Reads from an ABID-layout bucket: anonymous (unsigned), or `signed` with the AWS credentials boto3 finds
     (a private bucket); `endpoint_url` points at another S3 (e.g. moto). `get(key)` reads any object of it.
 
@@ -176,10 +189,13 @@ def signed_client(endpoint_url: str | None, workers: int = 16):
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
-class LocalSource:
-    """A folder laid out like the bucket: `bin-images/<id>.jpg`, `metadata/<id>.json`, optionally `labels.csv`.
-    `name`, the manifest's `source` for its bins, is the folder's own name as given (`../shared/abid-more` ->
-    `abid-more`; a symbolic link's name, not its target's)."""
+class LocalSource(Source):
+    """A folder laid out like the bucket: `bin-images/<id>.<jpg|jpeg|png, any case>`, `metadata/<id>.json`,
+    optionally `labels.csv`. `name`, the manifest's `source` for its bins, is the folder's own name as given
+    (`../shared/abid-more` -> `abid-more`; a symbolic link's name, not its target's). bin-images/ is listed by
+    check() or on first use (layouts.abid_photos), and that listing answers until the next check()."""
+
+    layout = "abid"
 
     def __init__(self, data_dir: str | Path):
         self.given = str(data_dir)
@@ -187,9 +203,17 @@ class LocalSource:
         self.name = Path(os.path.abspath(data_dir)).name or str(self.root)  # abspath: `.` and `..` named as meant
         self.tag = f"local-{short_hash(str(self.root))}"
         self.dataset_source = str(self.root)
+        self._listing: tuple[dict[str, Path], pd.DataFrame] | None = None
+
+    def _photos(self) -> dict[str, Path]:
+        if self._listing is None:
+            self._listing = abid_photos(self.root)
+        return self._listing[0]
 
     def where(self, key: str) -> str:
-        return str(self.root / key)
+        """The photo's own file for an image key (`bin-images/7.jpg` may be `7.PNG`), else the key's path."""
+        found = self._photos().get(abid.id_from_key(key)) if key.startswith(abid.IMAGE_PREFIX) else None
+        return str(found or self.root / key)
 
     def row_source(self, image_id: str) -> str:
         return self.name
@@ -201,19 +225,24 @@ class LocalSource:
             raise ValueError(f"data_dir: {self.given} does not exist or is not a folder")
         if not (self.root / abid.IMAGE_PREFIX).is_dir():
             raise ValueError(f"data_dir: {self.given} has no {abid.IMAGE_PREFIX} folder")
-        if next((self.root / abid.IMAGE_PREFIX).glob("*.jpg"), None) is None:
-            raise ValueError(f"data_dir: {self.given} has no photo in {abid.IMAGE_PREFIX} (no .jpg file)")
+        self._listing = abid_photos(self.root)  # what is there now
+        if not self._photos() and "duplicate" not in set(self._listing[1]["reason"]):
+            raise ValueError(f"data_dir: {self.given} has no photo in {abid.IMAGE_PREFIX} (no .jpg, .jpeg or .png "
+                             f"file)")
 
     def has_image(self, image_id: str) -> bool:
-        return (self.root / abid.image_key(image_id)).is_file()
+        return image_id in self._photos()
 
     def get_image(self, image_id: str) -> bytes:
+        name = self.where(abid.image_key(image_id))
+        if not self.has_image(image_id):  # no photo of its own (or two: `7.jpg` beside `7.PNG`)
+            raise MissingObject(f"{name} does not exist")
         try:
-            return (self.root / abid.image_key(image_id)).read_bytes()
-        except FileNotFoundError:
-            raise MissingObject(f"{self.where(abid.image_key(image_id))} does not exist") from None
+            return Path(name).read_bytes()
+        except FileNotFoundError:  # removed since bin-images/ was listed
+            raise MissingObject(f"{name} does not exist") from None
         except OSError as e:
-            raise SourceError(f"{self.where(abid.image_key(image_id))}: {e}") from None
+            raise SourceError(f"{name}: {e}") from None
 
     def get_metadata(self, image_id: str) -> bytes | None:
         path = self.root / abid.metadata_key(image_id)
@@ -228,36 +257,20 @@ class LocalSource:
         listed = {}
         if (self.root / "labels.csv").exists():
             listed = abid.read_label_index(self.root / "labels.csv")
-        ids = sorted(p.stem for p in (self.root / abid.IMAGE_PREFIX).glob("*.jpg"))
         with_metadata = {p.stem for p in (self.root / abid.METADATA_PREFIX).glob("*.json")}
-        return {i: listed.get(i) for i in ids if i in listed or i in with_metadata}
+        return {i: listed.get(i) for i in sorted(self._photos()) if i in listed or i in with_metadata}
 
+    def rejects(self) -> pd.DataFrame:
+        """What listing bin-images/ refused (not_a_photo; duplicate: `7.jpg` beside `7.PNG`), then the photos whose
+        count nothing knows (unknown_count: those labels() leaves out)."""
+        known = self.labels()
+        unknown = [(i, "unknown_count", f"{p}: no {abid.metadata_key(i)} and no labels.csv row")
+                   for i, p in sorted(self._photos().items()) if i not in known]
+        return pd.DataFrame([*self._listing[1].itertuples(index=False), *unknown], columns=REJECT_COLUMNS)
 
-def local_folders(data_dir: str) -> list[LocalSource]:
-    """`data_dir`: a folder, or several separated by commas -> their LocalSources, in the order given. Reads no
-    image. Raises ValueError `data_dir: ...` naming the folder when one fails LocalSource.check, is given twice
-    (the same folder however spelled), or has the same name as another (its name is the manifest's `source`: two
-    folders named alike could not be told apart)."""
-    dirs = [d.strip() for d in data_dir.split(",")]
-    if not any(dirs):
-        raise ValueError("data_dir: source=local needs data_dir, a folder with bin-images/ and metadata/ "
-                         "(or several, separated by commas)")
-    if "" in dirs:
-        raise ValueError(f"data_dir: {data_dir!r} has an empty entry between its commas")
-    folders: list[LocalSource] = []
-    for d in dirs:
-        folder = LocalSource(d)
-        folder.check()
-        for other in folders:
-            if other.root == folder.root:
-                raise ValueError(f"data_dir: {d} is given twice (as {other.given} and {d}, both {folder.root})")
-            if metric_key(other.name) == metric_key(folder.name):  # metric names (ingested_<name>) too
-                named = (f"are both named {folder.name!r}" if other.name == folder.name else
-                         f"are named {other.name!r} and {folder.name!r}, alike in metric names")
-                raise ValueError(f"data_dir: {other.given} and {d} {named}, and the manifest's source is the "
-                                 f"folder's name: give one of them under another name (a symbolic link)")
-        folders.append(folder)
-    return folders
+    def columns(self, image_id: str) -> dict[str, str]:
+        found = self._photos().get(image_id)
+        return {"original": f"{abid.IMAGE_PREFIX}{found.name}"} if found else {}
 
 
 def all_labels(sources: list[Source]) -> tuple[dict[str, int | None], dict[str, Source], dict[str, list]]:
@@ -292,7 +305,7 @@ def locate(folders: list[LocalSource], ids) -> tuple[dict[str, object], dict[str
     return owner, dups
 
 
-class NotInFolders:
+class NotInFolders(Source):
     """Where the listed ids that no folder has a photo of go: each is rejected as missing_image naming the photo's
     path in every folder. Their metadata is read from the first folder that has it (a count mismatch is still
     found first, as in a single folder)."""
@@ -328,7 +341,7 @@ class NotInFolders:
         return self._folder(abid.metadata_key(image_id)).get_metadata(image_id)
 
 
-class SyntheticSource:
+class SyntheticSource(Source):
     """Generated bins (bincounter.synthetic): image `syn<seed>-<i>` is draw_bin(count, item_seed(seed, i), size)
     encoded as JPEG. The counts come with the item list (`labels()`), not from metadata."""
 

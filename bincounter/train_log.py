@@ -12,7 +12,7 @@ import pandas as pd
 
 from bincounter import calibration, metrics, priors, serving, training
 from bincounter.manifest import stratified_split
-from bincounter.model import input_config
+from bincounter.model import check_classes, input_config
 from bincounter.runs import run_name, start_step
 from bincounter.train_config import TUNABLE, TrainConfig
 
@@ -24,6 +24,13 @@ def refit_data(train_df: pd.DataFrame, val_df: pd.DataFrame, calibration_frac: f
     parts = stratified_split(val_df, (1 - calibration_frac, 0, calibration_frac), seed) if calibration_frac < 1 \
         else {"train": val_df.iloc[:0], "test": val_df}
     return pd.concat([train_df, parts["train"]], ignore_index=True), parts["test"]
+
+
+def check_weights(weights: str, classes: list[int]) -> None:
+    """Before training: `weights` that name an earlier model (`runs:/`, `models:/`) must count `classes`, the
+    split's; ValueError naming both otherwise (model.check_classes). Other weights are not checked."""
+    if weights.startswith(("runs:/", "models:/")):
+        check_classes(weights, serving.logged_classes(weights), classes)
 
 
 def effective_params(cfg: TrainConfig) -> dict:

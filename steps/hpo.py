@@ -26,7 +26,7 @@ import tempfile
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from bincounter import entry, hpo
+from bincounter import entry, hpo, train_log
 from bincounter.runs import load_split, start_step
 from bincounter.search_space import space_for
 from bincounter.train_config import MONITORS, TrainConfig
@@ -92,6 +92,7 @@ def main(args: argparse.Namespace) -> str:
         train_args = train_step.get_args_parser().parse_args(
             [f"--{k}={options.param_text(getattr(args, k))}" for k in FIXED] + [f"--monitor={args.metric}"])
         options.train_config(vars(train_args), classes)  # validates the fixed parameters
+        train_log.check_weights(args.weights, classes)  # a model of other counts: refused before any trial
 
         def make_config(draws: dict):
             return options.train_config(vars(train_args), classes, **draws)

@@ -4,11 +4,13 @@ Reads: `input` (a folder, an s3:// prefix such as s3://aft-vbi-pds/bin-images/, 
 runs:/<ingest run>/manifest.csv or a file), the model `model_uri`, and with `expected` (a metadata folder or
 s3:// prefix, or a CSV image_id,expected_quantity) the quantities to check against.
 Writes: `output`, a folder: scores.parquet/ (scores.csv/ with csv=true), one row per photo, and score.json;
-a rerun replaces it as a whole (bincounter/score.py, bincounter/spark_job.py).
+with `expected` also recounts.csv, the recount sheet (the flagged bins, riskiest first, with an empty `recount`
+column to fill in and give to ingest); a rerun replaces it as a whole (bincounter/score.py,
+bincounter/spark_job.py).
 Logs: metrics images, scored, unreadable (photos), images_per_s, seconds; with `expected` flagged and
 reconcile's summary: bins_checked, bins_flagged, agreement_rate and a count per status (its `unreadable` as
-bins_unreadable); tags bincounter.output, spark.master, spark.default_parallelism, spark.partitions; the
-artifact score.json (the figures, the threshold used among them).
+bins_unreadable), and the artifact recounts.csv; tags bincounter.output, spark.master, spark.default_parallelism,
+spark.partitions; the artifact score.json (the figures, the threshold used among them).
 Runs the same under `spark-submit` or in a notebook (docs/spark.md).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 
 import mlflow
 
-from bincounter import entry, score, spark_job
+from bincounter import entry, report, score, spark_job
 from bincounter.runs import start_step
 from steps.options import optional, str2bool, whole
 
@@ -69,12 +71,13 @@ def main(args: argparse.Namespace) -> dict:
         if expected:  # reconcile's figures under its names; its `unreadable` counts bins, beside ours (photos)
             mlflow.log_metrics({"bins_unreadable" if k == "unreadable" else k: v
                                 for k, v in stats["check"].items() if k != "threshold"})
+            report.log_sheet(score.output_sheet(spark, stats["output"]))
         mlflow.set_tags({"bincounter.output": stats["output"], "spark.master": spark.sparkContext.master,
                          "spark.default_parallelism": spark.sparkContext.defaultParallelism,
                          "spark.partitions": stats["partitions"]})
         mlflow.log_dict(stats, "score.json")
     print(f"score: {stats['scored']} of {stats['images']} photos counted, {stats['unreadable']} unreadable"
-          + (f", {stats['flagged']} flagged" if expected else "")
+          + (f", {stats['flagged']} flagged (the recount sheet: {score.RECOUNTS})" if expected else "")
           + f"; {stats['images_per_s']:.1f} images/s; wrote {stats['output']}")
     return stats
 

@@ -2,7 +2,13 @@
 
 Each (count, source) group is split in the fractions given, so every source (a local folder, a bucket, the
 generator) keeps its share of every count in train, val and test; a manifest of one source splits by count alone.
-Reads: the ingest run's `manifest.csv` (a FINISHED ingest run).
+Keep the test part (`keep_test_of=<split run>`): the test part is exactly that split run's test bins, each with
+its row of this manifest where it has one (a recounted label applies; a recounted bin of that test part stays in
+test, never in training), the old row where it has none (counted in `kept_test_missing` and named); every other
+bin is split into train and val alone, in the ratio train_frac:val_frac. A model fine-tuned on it is tested on
+the champion's test bins. Tag `bincounter.keep_test_of`.
+Reads: the ingest run's `manifest.csv` (a FINISHED ingest run); with keep_test_of that split run's
+`splits/test.csv`.
 Logs: `splits/{train,val,test}.csv`, `class_histogram.png`, `sources.csv` (per source and count: the bins in
 train, val, test and in all), param `classes`, metrics `{split}_size` and per source `{split}_size_<source>`.
 """
@@ -20,9 +26,9 @@ import mlflow
 import pandas as pd
 
 from bincounter import entry, metrics
-from bincounter.manifest import (check_fractions, metric_key, read_manifest, source_groups, source_table,
-                                 stratified_split, write_csv)
-from bincounter.runs import download, finished_run, start_step
+from bincounter.manifest import (SPLITS, check_fractions, empty_manifest, metric_key, read_manifest, source_groups,
+                                 source_table, split_artifact, stratified_split, write_csv)
+from bincounter.runs import download, finished_run, read_split, start_step
 from steps.options import whole
 
 
@@ -39,6 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep only these sources (comma-separated ingest folder names) after splitting them all: "
                         "each bin stays in the split it has in the split of every source, so a model trained on "
                         "fewer sources is tested on the same bins; empty = every source")
+    p.add_argument("--keep_test_of", default="",
+                   help="a FINISHED split run whose test bins are this split's test part, labelled as this "
+                        "manifest has them (a recount applies); every other bin goes to train and val in the ratio "
+                        "train_frac:val_frac (test_frac unused), so that a fine-tuned model is gated on the "
+                        "champion's test bins; empty = split every bin")
     return p
 
 
@@ -56,9 +67,43 @@ def keep_sources(splits: dict[str, pd.DataFrame], sources: str) -> dict[str, pd.
     return {k: v[source_groups(v).isin(wanted)].reset_index(drop=True) for k, v in splits.items()}
 
 
+def keep_test(df: pd.DataFrame, old_test: pd.DataFrame, train_frac: float, val_frac: float,
+              seed: int) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """A manifest and an earlier split's test part -> ({train, val, test}, the ids of the old test bins the manifest
+    lacks). test: exactly the old test bins, each the manifest's row where it has one (its label may be a
+    recount), else the old row; train and val: every other bin of the manifest, stratified by count and source
+    (as stratified_split) in the ratio train_frac:val_frac."""
+    if old_test.empty:
+        raise ValueError("keep_test_of: that split run's test part is empty: nothing to keep")
+    kept = set(old_test["image_id"])
+    missing = sorted(kept - set(df["image_id"]))
+    test = pd.concat([df[df["image_id"].isin(kept)], old_test[old_test["image_id"].isin(missing)]],
+                     ignore_index=True).sort_values("image_id", ignore_index=True)
+    rest = df[~df["image_id"].isin(kept)]
+    if val_frac > 0 and not rest.empty:  # stratified_split's "test" share is the val part here
+        share = val_frac / (train_frac + val_frac)
+        parts = stratified_split(rest, (1 - share, 0, share), seed)
+        train, val = parts["train"], parts["test"]
+    else:
+        train, val = rest.sort_values("image_id", ignore_index=True), empty_manifest()
+    return {"train": train, "val": val, "test": test}, missing
+
+
+def make_splits(df: pd.DataFrame, args: argparse.Namespace, old_test: pd.DataFrame | None):
+    """The manifest -> ({train, val, test} as the parameters ask, the kept test's bins missing from it)."""
+    fractions = (args.train_frac, args.val_frac, args.test_frac)
+    if old_test is None:
+        return keep_sources(stratified_split(df, fractions, args.seed), args.sources), []
+    splits, missing = keep_test(df, old_test, args.train_frac, args.val_frac, args.seed)
+    # the kept test part stays whole: `sources` narrows what is trained on
+    return {**keep_sources({k: splits[k] for k in ("train", "val")}, args.sources), "test": splits["test"]}, missing
+
+
 def main(args: argparse.Namespace) -> str:
     check_fractions(args.train_frac, args.val_frac, args.test_frac)
     ingest = finished_run(args.ingest_run_id, "ingest")
+    if args.keep_test_of:
+        finished_run(args.keep_test_of, "split")
     with start_step("split", vars(args)) as run, tempfile.TemporaryDirectory() as tmp:
         df = read_manifest(download(args.ingest_run_id, "manifest.csv", tmp))
         if df.empty:
@@ -66,11 +111,20 @@ def main(args: argparse.Namespace) -> str:
         lo = int(ingest.data.params.get("count_min", df["count"].min()))
         hi = int(ingest.data.params.get("count_max", df["count"].max()))
         mlflow.log_param("classes", ",".join(str(c) for c in range(lo, hi + 1)))
-        splits = keep_sources(stratified_split(df, (args.train_frac, args.val_frac, args.test_frac), args.seed),
-                              args.sources)
-        for name, part in splits.items():
-            write_csv(part, Path(tmp) / "splits" / f"{name}.csv")
-            mlflow.log_metric(f"{name}_size", len(part))
+        old_test = read_split(args.keep_test_of, "test", Path(tmp) / "kept") if args.keep_test_of else None
+        splits, missing = make_splits(df, args, old_test)
+        for name in SPLITS:
+            write_csv(splits[name], Path(tmp) / split_artifact(name))
+            mlflow.log_metric(f"{name}_size", len(splits[name]))
+        if args.keep_test_of:
+            mlflow.set_tag("bincounter.keep_test_of", args.keep_test_of)
+            mlflow.log_metric("kept_test_missing", len(missing))
+            print(f"split: the test part is split run {args.keep_test_of}'s ({len(splits['test'])} bins, "
+                  f"{int((splits['test']['source'] == 'recount').sum())} recounted)")
+            if missing:
+                more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+                print(f"split: {len(missing)} of its test bins are not in this manifest, kept as that split had "
+                      f"them: {', '.join(missing[:10])}{more}")
         mlflow.log_artifacts(str(Path(tmp) / "splits"), "splits")
         metrics.log_figure(metrics.plot_histogram({k: v["count"] for k, v in splits.items()}), "class_histogram.png")
         table = source_table(splits)

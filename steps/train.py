@@ -1,6 +1,9 @@
 """train: fit a bin counter (ResNet or EfficientNet-Lite, bincounter.model.ARCHS) on a split run's train/val data.
 
 Reads: the split run's `splits/train.csv`, `splits/val.csv` and `classes`; optionally an hpo run's `best_*`.
+Fine-tune (`weights=models:/bin-counter@champion` or `runs:/<id>/model`): start from that model, which must
+count the split's classes (refused before training otherwise). On a split that kept the champion's test bins
+(`split -P keep_test_of=...`), evaluate both on it and register's gate compares them on the same bins.
 Logs: params (the effective hyperparameters as `hp_*`), per-epoch `train_loss`, `train_accuracy`, `val_loss`,
 `val_accuracy`, `val_rmse`, ... with step=epoch, `learning_curves.png`, `checkpoint/last.pt` after every epoch,
 system metrics, and the best epoch's model (by `monitor`) as the pyfunc `model`.
@@ -78,6 +81,7 @@ def main(args: argparse.Namespace) -> str:
             train_df, val_df = train_log.refit_data(train_df, val_df, args.calibration_frac, args.seed)
         hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
         cfg = options.train_config(vars(args), classes, hpo, keep_last=bool(args.refit_of))  # bad ones fail here
+        train_log.check_weights(cfg.weights, classes)  # a model of other counts: refused before training
         if args.backend != "sagemaker":
             return fit_and_log(args, cfg, train_df, val_df)
         from bincounter import sagemaker_jobs

@@ -17,7 +17,7 @@ from aws import REGION, aws, moto_server  # noqa: F401 (fixtures)
 from conftest import SAMPLE, last_run, needs_sample
 from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
-from bincounter import cli, deploy, reconcile, report, serving
+from bincounter import cli, deploy, reconcile, recounts, report, serving
 
 
 def bad_files(folder: Path, tiny) -> list[Path]:
@@ -194,7 +194,8 @@ def test_reconcile_real_abid_bins_from_metadata_with_report_and_mlflow_run(tiny_
     assert run.data.metrics["bins_checked"] == 3 and run.data.metrics["bins_flagged"] == 3
     assert run.data.metrics["outside_model_range"] == 1
     assert run.data.params["threshold"] == "0.5"
-    assert {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)} == {"report.html", "reconcile.csv"}
+    assert {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)} == {
+        "report.html", "reconcile.csv", "recounts.csv"}
 
 
 def test_reconcile_generated_bins_from_a_csv(tiny_model, tmp_path, capsys):
@@ -207,6 +208,54 @@ def test_reconcile_generated_bins_from_a_csv(tiny_model, tmp_path, capsys):
     assert "Flagged bins (0)" in (tmp_path / "r.html").read_text()
     assert cli.main(["reconcile", "--images", str(tmp_path / "nope"), "--expected", str(expected)]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_reconcile_writes_the_recount_sheet_of_its_flagged_bins_riskiest_first(tiny_model, tmp_path, capsys):
+    """Beside the report by default, where --recounts says otherwise; the report links it, the MLflow run logs
+    it, and a person's spreadsheet reads it as a recount sheet."""
+    photos = sorted(tiny_model.images.glob("*.jpg"))  # <count>-<k>.jpg: every other record is off by one
+    expected = tmp_path / "expected.csv"
+    expected.write_text("image_id,expected_quantity\n" + "".join(
+        f"{p.stem},{int(p.stem[0]) + (n % 2) * (1 if p.stem[0] < '5' else -1)}\n" for n, p in enumerate(photos)))
+    args = ["reconcile", "--images", str(tiny_model.images), "--expected", str(expected), "--model",
+            tiny_model.model_uri]
+    assert cli.main([*args, "--output", str(tmp_path / "bins.csv")]) == 0  # no --report, no --recounts: no sheet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bins.csv", "expected.csv"]
+    checked = pd.read_csv(tmp_path / "bins.csv", dtype={"image_id": str})
+    threshold = float(checked["p_expected"].median())  # about half the bins flagged
+    capsys.readouterr()
+
+    report_path = tmp_path / "out" / "check.html"
+    report_path.parent.mkdir()
+    assert cli.main([*args, "--threshold", str(threshold), "--report", str(report_path), "--log-mlflow"]) == 0
+    sheet_path = tmp_path / "out" / "check.recounts.csv"
+    flagged = checked[checked["p_expected"] < threshold].sort_values(["p_expected", "image_id"])
+    assert 0 < len(flagged) < len(checked)
+    assert f"wrote {sheet_path}: {len(flagged)} bins to recount, riskiest first" in capsys.readouterr().out
+    assert sheet_path.read_bytes().startswith(b"\xef\xbb\xbf")  # a BOM: spreadsheets read it as UTF-8
+    sheet = pd.read_csv(sheet_path, dtype={"image_id": str}, encoding="utf-8-sig", keep_default_na=False)
+    assert list(sheet.columns) == recounts.SHEET_COLUMNS
+    assert sheet["image_id"].tolist() == flagged["image_id"].tolist()
+    assert sheet["rank"].tolist() == list(range(1, len(flagged) + 1))
+    assert sheet["p_expected"].astype(float).is_monotonic_increasing and (sheet["recount"] == "").all()
+    assert sheet["expected_quantity"].tolist() == flagged["expected_quantity"].tolist()
+    assert sheet["photo"].tolist() == [str((tiny_model.images / f"{i}.jpg").resolve()) for i in sheet["image_id"]]
+    assert "<a href='check.recounts.csv'>check.recounts.csv</a>" in report_path.read_text()
+    _, _, read_back = recounts.read_sheet(sheet_path)  # what ingest reads: every row waiting for a recount
+    assert read_back["rows"] == read_back["skipped_empty"] == len(flagged)
+    run = last_run("reconcile")
+    logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="recounts.csv")
+    assert Path(logged).read_bytes() == sheet_path.read_bytes()
+
+    # --recounts elsewhere: written there, and the report links it relative to itself
+    (tmp_path / "sheets").mkdir()
+    assert cli.main([*args, "--threshold", str(threshold), "--report", str(report_path), "--recounts",
+                     str(tmp_path / "sheets" / "monday.csv")]) == 0
+    assert (tmp_path / "sheets" / "monday.csv").read_bytes() == sheet_path.read_bytes()
+    assert "<a href='../sheets/monday.csv'>../sheets/monday.csv</a>" in report_path.read_text()
+    with pytest.raises(SystemExit) as e:
+        cli.main([*args, "--recounts", str(tmp_path / "monday.xlsx")])
+    assert e.value.code == 2 and "--recounts must end in .csv" in capsys.readouterr().err
 
 
 BAD_VALUES = {"neg": ("-2", -2, "is negative (-2)"), "text": ("abc", "abc", "is 'abc', not a whole number"),

@@ -143,3 +143,14 @@ def test_a_sheet_saved_by_a_spreadsheet_still_reads(tmp_path):
     assert labels[["image_id", "count"]].values.tolist() == [["00100", 2], ["00523", 3]]
     assert rejects.empty and stats["rows"] == 3 and stats["skipped_empty"] == 1
     assert recounts._image_id("523", "") == "523" and recounts._image_id("0523", "/p/00523.jpg") == "00523"
+
+
+def test_an_id_that_is_not_a_safe_file_name_is_rejected(tmp_path):
+    """Ingest's cache names a file by the id: `../x` would write outside it."""
+    path = tmp_path / "ids.csv"
+    ids = pd.DataFrame({"image_id": ["../x", "a b", "00523"], "photo": [""] * 3, "recount": ["1"] * 3})
+    ids.to_csv(path, index=False)
+    labels, rejects, _ = recounts.read_sheet(path, None, "2024-05-31")
+    assert labels["image_id"].tolist() == ["00523"]
+    assert rejects[["image_id", "reason"]].values.tolist() == [["../x", "bad_id"], ["a b", "bad_id"]]
+    assert "ids.csv row 2: image_id '../x' is not safe as a file name" in rejects["detail"][0]

@@ -259,6 +259,42 @@ def test_the_step_logs_its_run(spark, model, tmp_path):
     assert set(df["status"]) == {"checked", "no_expected_quantity"}  # the bad files have no expected quantity
 
 
+def test_the_step_with_expected_writes_and_logs_the_recount_sheet(spark, model, tmp_path):
+    """recounts.csv in the output and in the run: the flagged bins alone, riskiest first, their photos' sources."""
+    folder = tmp_path / "photos"
+    manifest = make_manifest(folder, n=10, size=48)
+    bad_files(folder)  # no expected quantity: never on the sheet
+    records = manifest["count"] + [(1 if c < 5 else -1) * (n % 2) for n, c in enumerate(manifest["count"])]
+    pd.DataFrame({"image_id": manifest["image_id"], "expected_quantity": records}).to_csv(
+        tmp_path / "expected.csv", index=False)
+    probs = predict_files(manifest["path"], local_predictor(load(model.model_uri)))
+    p_expected = sorted(float(probs[f"p_{q}"][n]) for n, q in enumerate(records))
+    threshold = (p_expected[4] + p_expected[5]) / 2  # half of the bins below it
+    from steps import score as step
+    args = ["--input", str(folder), "--model_uri", model.model_uri, "--output", str(tmp_path / "out"),
+            "--expected", str(tmp_path / "expected.csv"), "--threshold", str(threshold)]
+    stats = step.main(step.get_args_parser().parse_args(args))
+    df = read_table(tmp_path / "out")
+    flagged = df[df["flagged"].eq(True)].sort_values(["p_expected", "image_id"])
+    assert len(flagged) == stats["flagged"] == 5
+    written = (tmp_path / "out" / score.RECOUNTS).read_bytes()
+    assert written.startswith(b"\xef\xbb\xbf")
+    sheet = pd.read_csv(tmp_path / "out" / score.RECOUNTS, dtype={"image_id": str}, encoding="utf-8-sig",
+                        keep_default_na=False)
+    assert sheet["image_id"].tolist() == flagged["image_id"].tolist()
+    assert sheet["rank"].tolist() == [1, 2, 3, 4, 5] and (sheet["recount"] == "").all()
+    assert sheet["photo"].tolist() == flagged["source"].tolist()
+    assert sheet["expected_quantity"].tolist() == flagged["expected_quantity"].tolist()
+    assert sheet["predicted"].tolist() == flagged["count"].tolist()
+    run = last_run("score")
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=score.RECOUNTS))
+    assert logged.read_bytes() == written
+
+    # without `expected`: no sheet (a rerun replaces the output as a whole)
+    step.main(step.get_args_parser().parse_args(args[:6]))
+    assert not (tmp_path / "out" / score.RECOUNTS).exists()
+
+
 def test_mlflow_run_refuses_bad_input_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     p = run_entry("score", {"input": str(tmp_path / "empty"), "output": str(tmp_path / "out")}, check=False,

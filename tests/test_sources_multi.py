@@ -176,7 +176,8 @@ def test_one_folder_with_a_file_list_is_as_before(shelves, tmp_path):
 REFUSED = {  # data_dir (folders: {a}, {b}, {tmp}) -> the message
     "missing": ("{a},{tmp}/nowhere", "data_dir: {tmp}/nowhere does not exist or is not a folder"),
     "no bin-images": ("{a},{tmp}/plain", "data_dir: {tmp}/plain has no bin-images/ folder"),
-    "no photo": ("{a},{tmp}/hollow", "data_dir: {tmp}/hollow has no photo in bin-images/ (no .jpg file)"),
+    "no photo": ("{a},{tmp}/hollow",
+                 "data_dir: {tmp}/hollow has no photo in bin-images/ (no .jpg, .jpeg or .png file)"),
     "twice": ("{a},{b},{tmp}/shelf-b/../shelf-a",
               "data_dir: {tmp}/shelf-b/../shelf-a is given twice (as {a} and {tmp}/shelf-b/../shelf-a, both {ra})"),
     "same name": ("{a},{tmp}/elsewhere/shelf-a",

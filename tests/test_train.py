@@ -222,6 +222,43 @@ def test_training_can_start_from_an_earlier_model(tmp_path):
     assert torch.equal(other.layer1[0].conv1.weight, result["model"].layer1[0].conv1.weight)
 
 
+def test_fine_tuning_from_a_model_of_other_counts_is_refused_before_training(tmp_path):
+    """A champion counting 0-4 and data counting 1-5: same head size, other meanings. train and hpo refuse it,
+    naming the model and both lists, before a run opens; a model of the data's counts passes."""
+    from bincounter import train_log
+    from bincounter.model import build_model
+    from bincounter.train_config import TrainConfig
+    from bincounter.train_log import log_trained_model
+    from steps import hpo, train
+
+    split = make_split_run(tmp_path, n=20, size=32)  # counts 1-5
+    example = pd.read_csv(tmp_path / "splits" / "val.csv")["path"].iloc[0]
+    uris = {}
+    for classes in ([0, 1, 2, 3, 4], [1, 2, 3, 4, 5]):
+        cfg = TrainConfig(**{**TINY, "classes": classes})
+        with mlflow.start_run() as run:
+            mlflow.set_tag("bincounter.step", "train")
+            log_trained_model({"model": build_model("resnet18", 5), "best_epoch": 1}, cfg, example)
+        uris[classes[0]] = f"runs:/{run.info.run_id}/model"
+    version = mlflow.register_model(uris[0], "counts-from-zero")
+    MlflowClient().set_registered_model_alias("counts-from-zero", "champion", version.version)
+
+    message = (r"weights {} counts 0, 1, 2, 3, 4, but the data's counts are 1, 2, 3, 4, 5: fine-tune it on data of "
+               r"its counts \(ingest with count_min=0 count_max=4\), or start from weights=imagenet or none")
+    for uri in ("models:/counts-from-zero@champion", uris[0]):
+        args = train.get_args_parser().parse_args(["--split_run_id", split, "--weights", uri, "--epochs", "1"])
+        with pytest.raises(ValueError, match=message.format(uri)):
+            train.main(args)
+    args = hpo.get_args_parser().parse_args(["--split_run_id", split, "--weights", "models:/counts-from-zero@champion"])
+    with pytest.raises(ValueError, match=message.format("models:/counts-from-zero@champion")):
+        hpo.main(args)
+    assert len(mlflow.search_runs(output_format="list")) == 3  # the split's and the two models': nothing trained
+    train_log.check_weights(uris[1], [1, 2, 3, 4, 5])  # the same counts: fine-tuning goes ahead
+    train_log.check_weights("none", [7, 8])  # not a model: nothing to compare
+    with pytest.raises(ValueError, match="runs:/0123456789abcdef/model: cannot read the model"):
+        train_log.check_weights("runs:/0123456789abcdef/model", [1, 2])
+
+
 def test_resume_with_another_monitor_is_refused_saying_so(tmp_path):
     """A resumed run keeps what it started with: a changed monitor is an error naming it, before any training."""
     from bincounter.runs import load_split
