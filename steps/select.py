@@ -50,7 +50,7 @@ def per_count_map(args) -> dict[int, int]:
 def main(args: argparse.Namespace) -> dict[int, list[str]]:
     quotas = per_count_map(args)
     if args.labels == "s3":
-        from bincounter.sources import scan_bucket_counts
+        from bincounter.bucket_scan import scan_bucket_counts
         labels = scan_bucket_counts(quotas, seed=args.seed, endpoint_url=args.endpoint_url or None)
     else:
         labels = abid.read_label_index(args.labels)

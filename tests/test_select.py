@@ -9,8 +9,8 @@ import pytest
 from conftest import last_run, run_entry
 from aws import moto_endpoint, public_bucket
 
-from bincounter import abid, entry, sources
-from bincounter.sources import scan_bucket_counts
+from bincounter import abid, bucket_scan, entry
+from bincounter.bucket_scan import scan_bucket_counts
 from steps import select
 
 
@@ -101,7 +101,7 @@ def test_scan_bucket_counts_stops_when_quotas_are_met(metadata_bucket):
 def test_select_from_s3(metadata_bucket, tmp_path, monkeypatch):
     endpoint, bucket, labels = metadata_bucket
     # select has no bucket parameter (it reads aft-vbi-pds); send its scan to the test bucket
-    monkeypatch.setattr(sources, "scan_bucket_counts", functools.partial(scan_bucket_counts, bucket=bucket))
+    monkeypatch.setattr(bucket_scan, "scan_bucket_counts", functools.partial(scan_bucket_counts, bucket=bucket))
     args = select.get_args_parser().parse_args(
         ["--labels", "s3", "--endpoint_url", endpoint, "--per_count", "2", "--output", str(tmp_path / "f.json")])
     selection = select.main(args)
