@@ -15,13 +15,13 @@ from pathlib import Path
 
 import mlflow
 
-from bincounter import serving
+from bincounter import counters
 from bincounter.predict import predict
 
 FIGURES = ("test_accuracy", "test_rmse", "test_ece", "test_check_auc_off2", "test_check_false_alarm")
 
 
-def rate(counter: serving.BaseCounter, images: list[bytes], repeats: int) -> float:
+def rate(counter: counters.BaseCounter, images: list[bytes], repeats: int) -> float:
     """Images per second of predict.predict over `images`, best of `repeats` (after one warm-up)."""
     predict(counter, images[:2])
     best = float("inf")
@@ -40,8 +40,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--evaluations", default="", help="evaluate run ids: each member's, then the ensemble's")
     args = p.parse_args()
-    ensemble = serving.load(args.ensemble)
-    if not isinstance(ensemble, serving.Ensemble):
+    ensemble = counters.load(args.ensemble)
+    if not isinstance(ensemble, counters.Ensemble):
         raise SystemExit(f"{args.ensemble} is not an ensemble")
     images = [f.read_bytes() for f in sorted(Path(args.images).glob("*.jpg"))[:args.limit]]
     names = [f"member {i} ({m['run_id'][:8]})" for i, m in enumerate(ensemble.config["members"])] + ["ensemble"]

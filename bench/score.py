@@ -1,5 +1,5 @@
 """Batch scoring throughput: the `score` step's library on Spark in local mode against `bincounter predict`'s
-path (serving.load + predict.predict_files), on the same photos and the same model, on this machine.
+path (counters.load + predict.predict_files), on the same photos and the same model, on this machine.
 
 The model: an untrained network of `--arch` at `--image_size` (weights none: the same arithmetic as a trained
 one), logged as the project's pyfunc in a store of its own. The photos: the first `--images` of
@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> dict:
         os.chdir(tmp)
         from bincounter import score, spark_job
         from bincounter.predict import find_images, local_predictor, predict_files
-        from bincounter.serving import load
+        from bincounter.counters import load
 
         folder = Path(tmp) / "photos"
         folder.mkdir()

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' tiny model and HTTP helpers, not copies
 
-from bincounter import serving  # noqa: E402
+from bincounter import counters  # noqa: E402
 from bincounter.predict import predict  # noqa: E402
 from bincounter.synthetic import draw_bin  # noqa: E402
 from helpers_model import build_tiny_model  # noqa: E402
@@ -184,7 +184,7 @@ def run_load(url: str, plan: list[dict], clients: int, expected: dict[int, int])
             "statuses_by_kind": by_kind, "failures": failures[:20]}
 
 
-def run_baseline(counter: serving.BaseCounter, plan: list[dict], images: list[bytes]) -> tuple[dict, dict[int, int]]:
+def run_baseline(counter: counters.BaseCounter, plan: list[dict], images: list[bytes]) -> tuple[dict, dict[int, int]]:
     """The good requests' images through predict.predict (the served model's own path), one per call, in order
     -> (timing, counts)."""
     predict(counter, [images[0]])  # warm-up
@@ -238,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
             model_uri = build_tiny_model(Path(tmp) / "tiny").model_uri
         images, origin = load_images(args.images, min(DISTINCT_IMAGES, args.requests), args.seed)
         plan = make_plan(args.requests, args.bad_frac, images, args.seed)
-        counter = serving.load(model_uri)
+        counter = counters.load(model_uri)
         base, expected = run_baseline(counter, plan, images)  # before the server: nothing else on the CPUs
         proc, url = (None, args.url) if args.url else start_server(model_uri, args.workers, Path(tmp) / "serve.log")
         try:

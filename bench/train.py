@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from bincounter import synthetic, tensor_cache  # noqa: E402
 from bincounter.data import ManifestDataset, make_loader  # noqa: E402
-from bincounter.serving import MAX_BATCH, BinCounter  # noqa: E402
+from bincounter.serving import BinCounter  # noqa: E402
+from bincounter.counters import MAX_BATCH
 from bincounter.model import build_model, get_arch  # noqa: E402
 from bincounter.levers import epoch_size, make_optimizer, set_train_mode  # noqa: E402
 from bincounter.train_config import TrainConfig  # noqa: E402
@@ -192,7 +193,7 @@ def main(args) -> dict:
         def infer_pyfunc():
             counter.probabilities(jpegs)
 
-        # the same forward the pyfunc makes (its chunks of up to serving.MAX_BATCH images), on ready tensors: what
+        # the same forward the pyfunc makes (its chunks of up to counters.MAX_BATCH images), on ready tensors: what
         # is left between the two is decoding, preprocessing and the pyfunc's own work
         chunks = [torch.randn(len(c), 3, args.image_size, args.image_size, device=device)
                   for c in (range(s, min(s + MAX_BATCH, n)) for s in range(0, n, MAX_BATCH))]

@@ -30,7 +30,7 @@ from bincounter import reconcile as rec
 from bincounter import recounts, registry, report
 from bincounter.deploy import DeployError, endpoint_predictor
 from bincounter.predict import find_images, local_predictor, predict_files
-from bincounter.serving import BaseCounter, Settings, load
+from bincounter.counters import BaseCounter, Settings, load
 
 DEFAULT_MODEL = "models:/bin-counter@champion"
 OUTPUT_SUFFIXES = (".csv", ".json")

@@ -1,14 +1,14 @@
 """The one prediction path: photos (bytes, files, folders, a manifest) -> the predictions table.
 
-`predict` is the one prediction function: a loaded counter (serving.BinCounter or serving.Ensemble), image bytes
-and how it answers (serving.Settings) -> THE predictions table, one row per image in their order: `count` (Int64), `confidence`
+`predict` is the one prediction function: a loaded counter (counters.BinCounter or counters.Ensemble), image bytes
+and how it answers (counters.Settings) -> THE predictions table, one row per image in their order: `count` (Int64), `confidence`
 (Float64), `review` (boolean), `p_<c>` per count (Float64), all null where the image could not be read or
 decoded, and `error` (string, null where it was). The served model (and through it the Spark scorer), evaluate,
 ensemble, `bincounter predict` and `bincounter reconcile` all call it. The front ends here put what names each
 photo in front: `predict_files` (`image`: files, found in folders by `find_images`), `predict_bins` (`image_id`,
 `path`: the photos of an inventory check) and `predict_manifest` (`image_id`: a manifest's rows).
 
-How a model answers is said explicitly, in a serving.Settings, never set on a loaded model: test-time
+How a model answers is said explicitly, in a counters.Settings, never set on a loaded model: test-time
 augmentation, the temperature on or off, the mix of counts the answers are moved to, the decision rule and the
 images per forward pass. What it leaves open (None) is the model's own, as logged; an ensemble passes them to
 every member.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from bincounter.serving import BaseCounter, Settings
+from bincounter.counters import BaseCounter, Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 READ_CHUNK = 256  # files read per model call: bounds memory for large folders
@@ -31,8 +31,8 @@ READ_CHUNK = 256  # files read per model call: bounds memory for large folders
 def predict(counter: BaseCounter, images: list[bytes], names: list[str] | None = None,
             settings: Settings | None = None) -> pd.DataFrame:
     """Image bytes (and a name for each, for the messages) -> THE predictions table (module docstring). A bad
-    image gets its error and nulls; it never stops the others. `settings`: serving.Settings (None: as the served
-    model answers, the model's own way in forward passes of serving.MAX_BATCH)."""
+    image gets its error and nulls; it never stops the others. `settings`: counters.Settings (None: as the served
+    model answers, the model's own way in forward passes of counters.MAX_BATCH)."""
     settings = counter.settings(settings)
     probs, errors = counter.probabilities(images, names, settings)
     table = counter.table(probs, settings)

@@ -66,6 +66,30 @@ def _evaluate_runs(experiment_ids: list[str] | None, extra: str = "", order_by: 
                               output_format="list")
 
 
+VERSION_TAG = "bincounter.model_version"  # an evaluate run's model as `models:/<name>/<version>` (aliases resolved)
+
+
+def version_uri(model_uri: str) -> str | None:
+    """`models:/<name>@<alias>` -> `models:/<name>/<version>` the alias names now (what an evaluation of the alias
+    scored, kept beside it: the alias moves later); the URI itself for `models:/<name>/<version>`; else None."""
+    if not model_uri.startswith("models:/"):
+        return None
+    name, at, alias = model_uri[len("models:/"):].rstrip("/").partition("@")
+    if not at:
+        return model_uri
+    return f"models:/{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+
+
+def _evaluations_of(uri: str):
+    """FINISHED evaluate runs of the model `uri` (`models:/<name>/<version>` or `runs:/...`): given so, or through
+    an alias that named it when it was evaluated (VERSION_TAG)."""
+    runs = _evaluate_runs(None, f"params.model_uri = '{uri}'")
+    if uri.startswith("models:/"):
+        seen = {r.info.run_id for r in runs}
+        runs += [r for r in _evaluate_runs(None, f"tags.`{VERSION_TAG}` = '{uri}'") if r.info.run_id not in seen]
+    return runs
+
+
 def _train_run_of(eval_run) -> str:
     uri = eval_run.data.params.get("model_uri", "")
     if not uri.startswith("runs:/") or not uri.rstrip("/").endswith("/model"):
@@ -132,7 +156,7 @@ def champion_evaluation(name: str):
     if version is None:
         return None
     uris = [f"models:/{name}/{version.version}"] + ([f"runs:/{version.run_id}/model"] if version.run_id else [])
-    runs = [r for uri in uris for r in _evaluate_runs(None, f"params.model_uri = '{uri}'")]
+    runs = [r for uri in uris for r in _evaluations_of(uri)]
     return version, max(runs, key=lambda r: r.info.start_time, default=None)
 
 
@@ -140,7 +164,7 @@ def _champion_score(name: str, version: ModelVersion, data: str, metric: str) ->
     """The champion's `metric` on test data `data` from any FINISHED evaluate run of its model, or None."""
     uris = [f"models:/{name}/{version.version}"] + ([f"runs:/{version.run_id}/model"] if version.run_id else [])
     for uri in uris:  # one query each: run search has no IN for params
-        for r in _evaluate_runs(None, f"params.model_uri = '{uri}'"):
+        for r in _evaluations_of(uri):
             if test_data(r) == data and metric in r.data.metrics:
                 return r.data.metrics[metric]
     return None

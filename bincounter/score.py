@@ -12,7 +12,7 @@ readable image, and one bad photo must not sink a partition); its count stays nu
 
 The model runs as spark_udf(env_manager="local"): Arrow batches of `batch_size` photos per model call (the
 pyfunc answers through predict.predict, the one prediction path: it decodes a batch in threads and runs forwards
-of serving.MAX_BATCH). On a cluster the model is loaded once per Python worker (MLflow's SparkModelCache; workers
+of counters.MAX_BATCH). On a cluster the model is loaded once per Python worker (MLflow's SparkModelCache; workers
 are reused across tasks); in local mode MLflow loads it once per partition, so `partitions` defaults to one per
 core. The session and the output folder are spark_job's.
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from bincounter import calibration, metrics, priors, serving, training
+from bincounter import calibration, counters, metrics, priors, serving, training
 from bincounter.manifest import stratified_split
 from bincounter.model import check_classes, input_config
 from bincounter.runs import run_name, start_step
@@ -30,7 +30,7 @@ def check_weights(weights: str, classes: list[int]) -> None:
     """Before training: `weights` that name an earlier model (`runs:/`, `models:/`) must count `classes`, the
     split's; ValueError naming both otherwise (model.check_classes). Other weights are not checked."""
     if weights.startswith(("runs:/", "models:/")):
-        check_classes(weights, serving.logged_classes(weights), classes)
+        check_classes(weights, counters.logged_classes(weights), classes)
 
 
 def effective_params(cfg: TrainConfig) -> dict:

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from bincounter import calibration, entry, priors, serving
+from bincounter import calibration, counters, entry, priors, serving
 from bincounter.model import DECISIONS, decide
 from bincounter.predict import predict, read_file
 from bincounter.runs import finished_run, read_split, start_step
@@ -53,22 +53,22 @@ def member_uris(members: str) -> list[str]:
     return uris
 
 
-def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[serving.BaseCounter], list[dict]]:
+def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[counters.BaseCounter], list[dict]]:
     """-> (each member's model folder, loaded counter, {uri, run_id}); a member that does not load, or counts
     other classes than the first, is refused by name."""
-    dirs, counters, sources = [], [], []
+    dirs, loaded, sources = [], [], []
     for i, uri in enumerate(uris):
         try:
-            d = serving.model_dir(uri, Path(tmp) / f"member{i}")
-            counters.append(serving.BinCounter.from_dir(d))
+            d = counters.model_dir(uri, Path(tmp) / f"member{i}")
+            loaded.append(counters.BinCounter.from_dir(d))
             run_id = mlflow.models.get_model_info(uri).run_id
         except Exception as e:  # any reason a model cannot be had: say which member
             raise ValueError(f"members: {uri} does not load ({type(e).__name__}: {e})") from None
-        if counters[i].classes != counters[0].classes:
-            raise ValueError(f"members: {uri} counts {counters[i].classes}, but {uris[0]} counts {counters[0].classes}")
+        if loaded[i].classes != loaded[0].classes:
+            raise ValueError(f"members: {uri} counts {loaded[i].classes}, but {uris[0]} counts {loaded[0].classes}")
         dirs.append(d)
         sources.append({"uri": uri, "run_id": run_id})
-    return dirs, counters, sources
+    return dirs, loaded, sources
 
 
 def unseen(val, sources: list[dict]):
@@ -83,11 +83,11 @@ def unseen(val, sources: list[dict]):
     return keep
 
 
-def member_probabilities(member: serving.BaseCounter, images: list[bytes], names: list[str],
+def member_probabilities(member: counters.BaseCounter, images: list[bytes], names: list[str],
                          classes: list[int]) -> np.ndarray:
     """One member's calibrated probabilities [N, C] at its training mix (predict.predict, target mix `train`:
     the ensemble moves the mix once, after the mean); NaN rows where an image is unreadable."""
-    table = predict(member, images, names, serving.Settings(target_mix=priors.TRAIN_MIX))
+    table = predict(member, images, names, counters.Settings(target_mix=priors.TRAIN_MIX))
     return table[[f"p_{c}" for c in classes]].to_numpy(dtype=float, na_value=np.nan)
 
 
@@ -96,11 +96,11 @@ def main(args: argparse.Namespace) -> str:
     finished_run(args.split_run_id, "split")
     with tempfile.TemporaryDirectory() as tmp:
         val = read_split(args.split_run_id, "val", tmp)
-        dirs, counters, sources = load_members(uris, tmp)
-        classes = counters[0].classes
-        config = {"classes": classes, "decision": args.decision or counters[0].decision, "members": sources}
+        dirs, members, sources = load_members(uris, tmp)
+        classes = members[0].classes
+        config = {"classes": classes, "decision": args.decision or members[0].decision, "members": sources}
         images, read_errors = zip(*map(read_file, val["path"]))
-        per_member = [member_probabilities(m, list(images), val["image_id"].tolist(), classes) for m in counters]
+        per_member = [member_probabilities(m, list(images), val["image_id"].tolist(), classes) for m in members]
         # the ensemble at temperature 1 (the mean Ensemble.calibrated takes): what calibration is fitted on
         probs = np.mean(per_member, axis=0)
         ok = ~np.isnan(probs).any(axis=1) & val["count"].isin(classes).to_numpy() & unseen(val, sources)

@@ -34,7 +34,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from bincounter import calibration, entry, metrics, priors, serving
+from bincounter import calibration, counters, entry, metrics, priors, registry
 from bincounter.figures import table_figures
 from bincounter.manifest import read_manifest, source_groups, write_csv
 from bincounter.model import DECISIONS
@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 SOURCE = "source"  # the manifest's column naming where each bin came from (ingest's folder)
 
 
-def score(counter: serving.BaseCounter, df: pd.DataFrame, settings: serving.Settings, read_threads: int) -> pd.DataFrame:
+def score(counter: counters.BaseCounter, df: pd.DataFrame, settings: counters.Settings, read_threads: int) -> pd.DataFrame:
     """Manifest rows -> the predictions table (predict.predict_manifest) beside the truth: image_id, count (the
     true one), [source, when the rows hold several,] predicted, confidence, review, p_*, error. An unreadable
     image gets an error and no prediction; it does not stop the others."""
@@ -92,13 +92,16 @@ def main(args: argparse.Namespace) -> str:
             baseline_from = test["count"]
         if test.empty:
             raise ValueError("nothing to evaluate: the test data is empty")
-        counter = serving.load(args.model_uri)
+        counter = counters.load(args.model_uri)
         # how it answers: as the model was logged where these are empty (every member of an ensemble alike); a
         # target mix it cannot take is refused here, before anything is scored
-        settings = counter.settings(serving.Settings(
+        settings = counter.settings(counters.Settings(
             tta=None if args.tta in ("", None) else args.tta in (True, "true"), calibrated=args.calibrated,
             target_mix=args.target_mix or None, decision=args.decision or None, batch_size=args.batch_size))
         with start_step("evaluate", vars(args)) as run:
+            version = registry.version_uri(args.model_uri)  # the version an alias names now: the gate finds it so
+            if version:
+                mlflow.set_tag(registry.VERSION_TAG, version)
             mlflow.log_params({"target_mix_applied": priors.describe_mix(settings.target_mix, counter.classes),
                                "train_mix": "unknown" if counter.train_mix is None
                                else priors.format_mix(counter.classes, counter.train_mix)})
@@ -132,7 +135,7 @@ def main(args: argparse.Namespace) -> str:
             return run.info.run_id
 
 
-def trust_figures(ok: pd.DataFrame, counter: serving.BaseCounter) -> tuple[dict[str, float], tuple]:
+def trust_figures(ok: pd.DataFrame, counter: counters.BaseCounter) -> tuple[dict[str, float], tuple]:
     """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes
     (calibration.trust_metrics at the model's check threshold) -> ({test_<figure>: value}, the arrays they were
     computed from); no figures without such bins."""
@@ -145,7 +148,7 @@ def trust_figures(ok: pd.DataFrame, counter: serving.BaseCounter) -> tuple[dict[
     return {f"test_{k}": v for k, v in out.items()}, arrays
 
 
-def log_trust(ok: pd.DataFrame, counter: serving.BaseCounter) -> dict[str, float]:
+def log_trust(ok: pd.DataFrame, counter: counters.BaseCounter) -> dict[str, float]:
     """How far the model's probabilities can be trusted on the scored bins whose count is one of its classes:
     logs `test_ece`, `test_nll`, `test_brier`, selective accuracy of the 25 % / 50 % most confident counts, the
     inventory check as a detector at the model's check threshold (`test_check_*`) and at a threshold catching 90 %
@@ -159,7 +162,7 @@ def log_trust(ok: pd.DataFrame, counter: serving.BaseCounter) -> dict[str, float
     return out
 
 
-def source_figures(preds: pd.DataFrame, counter: serving.BaseCounter) -> dict[str, float]:
+def source_figures(preds: pd.DataFrame, counter: counters.BaseCounter) -> dict[str, float]:
     """One group of scored bins (a predictions table) -> the figures evaluate logs for all bins, by the same
     functions: size, unreadable, and figures.table_figures at the model's check threshold (accuracy, rmse, mae,
     within1_accuracy, accuracy per true count, the trust figures). Keys without the `test_` prefix."""
@@ -170,7 +173,7 @@ def source_figures(preds: pd.DataFrame, counter: serving.BaseCounter) -> dict[st
     return {**out, **table_figures(ok, counter.classes, counter.trust.check_threshold)}
 
 
-def log_per_source(preds: pd.DataFrame, counter: serving.BaseCounter, out: Path) -> pd.DataFrame:
+def log_per_source(preds: pd.DataFrame, counter: counters.BaseCounter, out: Path) -> pd.DataFrame:
     """Every source's figures (source_figures) as `<source>/test_<figure>` metrics (the name made MLflow-legal,
     metrics.metric_prefixes) with `<source>/test_accuracy_se`, and `per_source.csv`: a row per source and one
     for all bins (source `(all)`, figures as the overall `test_*`), with bootstrap standard errors of accuracy,

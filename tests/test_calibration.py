@@ -146,20 +146,20 @@ def test_max_review_flags_a_minority_and_says_what_the_rest_are_worth():
 
 
 def test_a_model_logged_before_calibration_loads_with_temperature_one(tiny_model, tmp_path):
-    from bincounter import serving
+    from bincounter import counters
 
-    counter = serving.load(tiny_model.model_uri)
+    counter = counters.load(tiny_model.model_uri)
     assert counter.trust == calibration.Trust()
     images = [p.read_bytes() for p in sorted(tiny_model.images.glob("*.jpg"))]
     raw, _ = counter.probabilities(images)
     assert not counter.table(raw)["review"].any()
     # the same weights with a temperature in the config: softer probabilities, the same counts
     d = Path(mlflow.artifacts.download_artifacts(f"{tiny_model.model_uri}", dst_path=str(tmp_path)))
-    model_dir = next(d.rglob(serving.CONFIG_FILE)).parent
-    config = json.loads((model_dir / serving.CONFIG_FILE).read_text())
+    model_dir = next(d.rglob(counters.CONFIG_FILE)).parent
+    config = json.loads((model_dir / counters.CONFIG_FILE).read_text())
     assert "temperature" not in config
-    (model_dir / serving.CONFIG_FILE).write_text(json.dumps({**config, "temperature": 3.0, "review_confidence": 0.5}))
-    hot = serving.BinCounter.from_dir(model_dir)
+    (model_dir / counters.CONFIG_FILE).write_text(json.dumps({**config, "temperature": 3.0, "review_confidence": 0.5}))
+    hot = counters.BinCounter.from_dir(model_dir)
     soft, _ = hot.probabilities(images)
     assert np.allclose(soft, calibration.apply_temperature(raw, 3.0), atol=1e-5)
     assert (soft.max(1) < raw.max(1) + 1e-6).all()
@@ -179,7 +179,7 @@ def trust_args(**kw) -> argparse.Namespace:
 
 @pytest.mark.parametrize("calibrate", [True, False])
 def test_train_fits_trust_on_validation_and_the_model_carries_it(tmp_path, calibrate):
-    from bincounter import serving
+    from bincounter import counters
     from bincounter.runs import load_split
     from steps import options, train
 
@@ -190,7 +190,7 @@ def test_train_fits_trust_on_validation_and_the_model_carries_it(tmp_path, calib
     cfg = options.train_config(vars(args), classes)
     run_id = train.fit_and_log(args, cfg, train_df, val_df)
     run = mlflow.get_run(run_id)
-    config = serving.load(f"runs:/{run_id}/model").config
+    config = counters.load(f"runs:/{run_id}/model").config
     assert config["temperature"] == run.data.metrics["temperature"]
     assert config["check_threshold"] == run.data.metrics["check_threshold"] and 0 < config["check_threshold"] <= 1
     assert config["promise"]["measured_on"] == "validation split (40 bins)"
@@ -261,8 +261,8 @@ def test_refit_trains_on_train_and_validation_with_the_chosen_settings(tmp_path)
     # the refit keeps its last epoch, whatever validation says
     assert run.data.metrics["best_epoch"] == best
     # it answers for the mix its source does, from the mix of the bins it trained on (train + 10 validation bins)
-    from bincounter import serving
-    config = serving.load(f"runs:/{run.info.run_id}/model").config
+    from bincounter import counters
+    config = counters.load(f"runs:/{run.info.run_id}/model").config
     assert config["target_mix"] == "natural" and p["train_mix"] == "1:0.2,2:0.2,3:0.2,4:0.2,5:0.2"
     # an ensemble with this refit calibrates only on the validation bins it kept back
     from bincounter.manifest import read_manifest
@@ -288,7 +288,7 @@ def test_an_ensemble_averages_calibrated_members_and_serves_like_any_model(tmp_p
     import subprocess
     import sys
 
-    from bincounter import serving
+    from bincounter import counters
     from conftest import ROOT
     from steps import ensemble
 
@@ -308,14 +308,14 @@ def test_an_ensemble_averages_calibrated_members_and_serves_like_any_model(tmp_p
     assert run.data.metrics["members"] == 2 and "temperature" in run.data.metrics
 
     uri = f"runs:/{run.info.run_id}/model"
-    counter = serving.load(uri)
-    assert isinstance(counter, serving.Ensemble)
+    counter = counters.load(uri)
+    assert isinstance(counter, counters.Ensemble)
     assert [m["run_id"] for m in counter.config["members"]] == [tiny_model.run_id, other.info.run_id]
     assert [m.config["image_size"] for m in counter.members] == [32, 48]
     images = [p.read_bytes() for p in sorted(tiny_model.images.glob("*.jpg"))][:4] + [b"not an image"]
     probs, errors = counter.probabilities(images)
-    a, _ = serving.load(tiny_model.model_uri).probabilities(images)
-    b, _ = serving.load(f"runs:/{other.info.run_id}/model").probabilities(images)
+    a, _ = counters.load(tiny_model.model_uri).probabilities(images)
+    b, _ = counters.load(f"runs:/{other.info.run_id}/model").probabilities(images)
     expected = calibration.apply_temperature((a + b) / 2, counter.trust.temperature)
     assert np.allclose(probs[:4], expected[:4], atol=1e-5) and np.isnan(probs[4]).all()
     assert errors[:4] == [None] * 4 and errors[4]

@@ -17,7 +17,7 @@ from aws import REGION, aws, moto_server  # noqa: F401 (fixtures)
 from conftest import SAMPLE, last_run, needs_sample
 from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
-from bincounter import cli, deploy, reconcile, recounts, report, serving
+from bincounter import cli, counters, deploy, reconcile, recounts, report
 
 
 def bad_files(folder: Path, tiny) -> list[Path]:
@@ -44,7 +44,7 @@ def test_predict_counts_files_and_folders_and_lists_unreadable_images(tiny_model
     assert list(table.columns) == ["image", "count", "confidence", "review", *[f"p_{c}" for c in CLASSES], "error"]
     good, unreadable = table[table["error"].isna()], table[table["error"].notna()]
     assert len(good) == 10 and set(good["count"]) <= set(CLASSES) and unreadable["count"].isna().all()
-    counter = serving.load(tiny_model.model_uri)  # the same numbers as the library
+    counter = counters.load(tiny_model.model_uri)  # the same numbers as the library
     probs, _ = counter.probabilities([Path(good["image"].iloc[0]).read_bytes()])
     assert good[[f"p_{c}" for c in CLASSES]].iloc[0].to_numpy() == pytest.approx(probs[0], abs=1e-6)
 

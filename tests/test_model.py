@@ -212,7 +212,7 @@ def test_bad_lever_values_are_refused_naming_them(pretrained_file, bad, message)
 
 def test_logged_model_carries_its_input_normalisation(tmp_path):
     """A Lite model's config holds its (0.5, 0.5, 0.5) normalisation, and serving applies it."""
-    from bincounter import serving
+    from bincounter import counters
     from bincounter.train_log import log_trained_model
 
     df = make_manifest(tmp_path / "img", n=10, size=32)
@@ -224,7 +224,7 @@ def test_logged_model_carries_its_input_normalisation(tmp_path):
     root = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path / "m"))
     config = json.loads(next(Path(root).rglob("model_config.json")).read_text())
     assert config["mean"] == config["std"] == [0.5, 0.5, 0.5]
-    counter = serving.load(f"runs:/{run.info.run_id}/model")
+    counter = counters.load(f"runs:/{run.info.run_id}/model")
     img = decode_image(open(df["path"].iloc[0], "rb").read())
     want = EvalPreset(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(img)
     assert torch.equal(counter.transform(img), want)

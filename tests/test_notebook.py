@@ -90,8 +90,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     reconciled = _text(cells["reconcile"])
     assert "bins_checked" in reconciled and '"bins_checked": 12' in reconciled, reconciled
     assert '"no_image": 1' in reconciled and '"outside_model_range": 1' in reconciled
-    from bincounter import calibration, serving
-    counter = serving.load(f"models:/{TINY['NB_MODEL_NAME']}@champion")  # the model the cell checked with
+    from bincounter import calibration, counters
+    counter = counters.load(f"models:/{TINY['NB_MODEL_NAME']}@champion")  # the model the cell checked with
     threshold = counter.trust.check_threshold
     assert f'"threshold": {json.dumps(threshold)}' in reconciled, reconciled  # the model's own threshold
     assert calibration.describe_check(counter.trust, threshold, counter.target_mix) in reconciled, reconciled

@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
-from bincounter import calibration, cli, serving
+from bincounter import calibration, cli, counters, serving
 from bincounter.model import WEIGHTS_FILE
 from bincounter.predict import predict
-from bincounter.serving import Settings
+from bincounter.counters import Settings
 
 P = [f"p_{c}" for c in CLASSES]
 MEMBERS = ({"temperature": 2.0}, {"temperature": 1.2, "tta": True})  # what each member's config says
@@ -33,16 +33,16 @@ def probs(counter, images: list[bytes], **settings) -> np.ndarray:
 
 
 @pytest.fixture
-def ensemble(tiny_model, tmp_path) -> serving.Ensemble:
+def ensemble(tiny_model, tmp_path) -> counters.Ensemble:
     """A logged ensemble of two members made from the tiny model (the second with its head nudged), each with
     its own temperature (and the second with test-time augmentation in its config), loaded as any model."""
-    src = serving.model_dir(tiny_model.model_uri, tmp_path / "download")
+    src = counters.model_dir(tiny_model.model_uri, tmp_path / "download")
     dirs = []
     for i, own in enumerate(MEMBERS):
         d = tmp_path / f"member{i}"
         shutil.copytree(src, d)
-        config = json.loads((d / serving.CONFIG_FILE).read_text())
-        (d / serving.CONFIG_FILE).write_text(json.dumps({**config, **own}))
+        config = json.loads((d / counters.CONFIG_FILE).read_text())
+        (d / counters.CONFIG_FILE).write_text(json.dumps({**config, **own}))
         if i:
             state = torch.load(d / WEIGHTS_FILE, weights_only=True)
             state["fc.weight"] += 0.05 * torch.randn(state["fc.weight"].shape, generator=torch.Generator().manual_seed(0))
@@ -52,13 +52,13 @@ def ensemble(tiny_model, tmp_path) -> serving.Ensemble:
               "members": [{"uri": f"member{i}", "run_id": ""} for i in range(len(MEMBERS))]}
     with mlflow.start_run() as run:
         serving.log_ensemble(dirs, config, images_of(tiny_model)[0])
-    return serving.load(f"runs:/{run.info.run_id}/model")
+    return counters.load(f"runs:/{run.info.run_id}/model")
 
 
 def test_tta_and_the_temperature_change_an_ensemble_as_they_change_one_model(tiny_model, ensemble):
     images = images_of(tiny_model)
     one, other = ensemble.members
-    assert isinstance(ensemble, serving.Ensemble) and [m.trust.temperature for m in ensemble.members] == [2.0, 1.2]
+    assert isinstance(ensemble, counters.Ensemble) and [m.trust.temperature for m in ensemble.members] == [2.0, 1.2]
     for counter in (one, ensemble):
         # test-time augmentation on and off: different probabilities
         assert not np.allclose(probs(counter, images, tta=True), probs(counter, images, tta=False), atol=1e-4)
@@ -83,17 +83,17 @@ def test_tta_and_the_temperature_change_an_ensemble_as_they_change_one_model(tin
 def forward_sizes(monkeypatch) -> list[int]:
     """Record the images of every forward pass a BinCounter makes."""
     sizes: list[int] = []
-    forward = serving.BinCounter.forward
+    forward = counters.BinCounter.forward
 
     def counted(self, x, tta):
         sizes.append(len(x))
         return forward(self, x, tta)
-    monkeypatch.setattr(serving.BinCounter, "forward", counted)
+    monkeypatch.setattr(counters.BinCounter, "forward", counted)
     return sizes
 
 
 def test_batch_size_is_the_images_per_forward_pass(tiny_model, monkeypatch):
-    counter = serving.load(tiny_model.model_uri)
+    counter = counters.load(tiny_model.model_uri)
     sizes = forward_sizes(monkeypatch)
     images = images_of(tiny_model) * 13  # 130
     big = predict(counter, images, settings=Settings(batch_size=100))
@@ -104,7 +104,7 @@ def test_batch_size_is_the_images_per_forward_pass(tiny_model, monkeypatch):
     assert np.allclose(big[P].to_numpy(dtype=float), small[P].to_numpy(dtype=float), atol=1e-5)
     sizes.clear()
     predict(counter, images)  # the served model's
-    assert sizes == [serving.MAX_BATCH, serving.MAX_BATCH, 130 - 2 * serving.MAX_BATCH]
+    assert sizes == [counters.MAX_BATCH, counters.MAX_BATCH, 130 - 2 * counters.MAX_BATCH]
     with pytest.raises(ValueError, match="batch_size must be a whole number of images, 1 or more, got 0"):
         Settings(batch_size=0)
     with pytest.raises(ValueError, match="decision must be one of"):
@@ -147,4 +147,4 @@ def test_evaluate_the_served_model_predict_and_reconcile_give_the_same_table(tin
     assert reconciled["expected_quantity"].to_dict() == counts
     # the served model answers through the same function
     served = mlflow.pyfunc.load_model(tiny_model.model_uri).predict(pd.DataFrame({"image": images_of(tiny_model)}))
-    pd.testing.assert_frame_equal(served, predict(serving.load(tiny_model.model_uri), images_of(tiny_model)))
+    pd.testing.assert_frame_equal(served, predict(counters.load(tiny_model.model_uri), images_of(tiny_model)))

@@ -1,4 +1,4 @@
-"""Prior correction (bincounter/calibration.py, serving.BinCounter): a model's answers moved from the mix of counts
+"""Prior correction (bincounter/calibration.py, counters.BinCounter): a model's answers moved from the mix of counts
 it was trained on (`train_mix`, in its config) to a target mix (`target_mix`: train, natural or explicit shares),
 after the temperature, in the one inference path; models logged before keep their answers."""
 from __future__ import annotations
@@ -128,10 +128,10 @@ EXTREME = "1:0.96,2:0.01,3:0.01,4:0.01,5:0.01"  # a warehouse of single items
 
 
 def test_the_config_carries_the_mixes_and_the_answers_move_after_the_temperature(tiny_model):
-    from bincounter import serving
+    from bincounter import counters
 
     uri = log_with_mix(tiny_model, UNIFORM, EXTREME, temperature=2.0)
-    counter = serving.load(uri)
+    counter = counters.load(uri)
     assert counter.config["train_mix"] == UNIFORM and counter.config["target_mix"] == EXTREME
     images = images_of(tiny_model)
     counter.target_mix = "train"
@@ -155,9 +155,9 @@ def test_the_config_carries_the_mixes_and_the_answers_move_after_the_temperature
 
 
 def test_a_model_logged_before_prior_correction_answers_as_before_and_refuses_a_mix(tiny_model, tmp_path):
-    from bincounter import serving
+    from bincounter import counters
 
-    counter = serving.load(tiny_model.model_uri)
+    counter = counters.load(tiny_model.model_uri)
     assert "train_mix" not in counter.config and counter.target_mix == "train" and counter.train_mix is None
     images = images_of(tiny_model)
     probs, _ = counter.probabilities(images)
@@ -167,7 +167,7 @@ def test_a_model_logged_before_prior_correction_answers_as_before_and_refuses_a_
         counter.target_mix = "natural"
     assert counter.target_mix == "train"  # a refused mix leaves the counter as it was
     # the same weights with a training mix but target train: the very same answers
-    same = serving.load(log_with_mix(tiny_model, [0.5, 0.2, 0.1, 0.1, 0.1]))
+    same = counters.load(log_with_mix(tiny_model, [0.5, 0.2, 0.1, 0.1, 0.1]))
     again, _ = same.probabilities(images)
     assert np.allclose(again, probs, atol=1e-6)
     assert same.table(again)["count"].tolist() == counter.table(probs)["count"].tolist()
@@ -181,12 +181,12 @@ def test_a_config_with_a_mix_the_model_cannot_take_is_refused_when_logged(tiny_m
 
 
 def test_an_ensemble_moves_its_mean_once_after_its_own_temperature(tiny_model, tmp_path):
-    from bincounter import serving
+    from bincounter import counters
 
-    a = serving.load(log_with_mix(tiny_model, UNIFORM, EXTREME, temperature=2.0))
-    b = serving.load(log_with_mix(tiny_model, [0.1, 0.2, 0.4, 0.2, 0.1], EXTREME))
+    a = counters.load(log_with_mix(tiny_model, UNIFORM, EXTREME, temperature=2.0))
+    b = counters.load(log_with_mix(tiny_model, [0.1, 0.2, 0.4, 0.2, 0.1], EXTREME))
     config = {"classes": CLASSES, "temperature": 1.5, "members": [{"uri": "a"}, {"uri": "b"}]}
-    ens = serving.Ensemble([a, b], config)
+    ens = counters.Ensemble([a, b], config)
     # no mixes in the ensemble's config: the members' mean training mix, the first member's target
     assert ens.train_mix == pytest.approx([0.15, 0.2, 0.3, 0.2, 0.15]) and ens.target_mix == EXTREME
     images = images_of(tiny_model)
@@ -201,9 +201,9 @@ def test_an_ensemble_moves_its_mean_once_after_its_own_temperature(tiny_model, t
     plain, _ = ens.probabilities(images)
     assert np.allclose(plain, calibration.apply_temperature(mean, 1.5), atol=1e-6)
     # the ensemble's own config wins; an old member without a training mix: no correction, and none can be set
-    own = serving.Ensemble([a, b], {**config, "train_mix": UNIFORM, "target_mix": "natural"})
+    own = counters.Ensemble([a, b], {**config, "train_mix": UNIFORM, "target_mix": "natural"})
     assert own.train_mix == UNIFORM and own.target_mix == "natural"
-    old = serving.Ensemble([a, serving.load(tiny_model.model_uri)], config)
+    old = counters.Ensemble([a, counters.load(tiny_model.model_uri)], config)
     assert old.train_mix is None and old.target_mix == "train"
     with pytest.raises(ValueError, match="logged without its training mix"):
         old.target_mix = EXTREME
@@ -212,7 +212,7 @@ def test_an_ensemble_moves_its_mean_once_after_its_own_temperature(tiny_model, t
 # -- where it is set: train, evaluate, the CLI ----------------------------------------------------------------------
 
 def test_train_keeps_its_training_mix_and_target_in_the_model_config(tmp_path):
-    from bincounter import serving
+    from bincounter import counters
     from bincounter.manifest import read_manifest
     from bincounter.runs import download, load_split
     from steps import options, train
@@ -223,7 +223,7 @@ def test_train_keeps_its_training_mix_and_target_in_the_model_config(tmp_path):
         ["--split_run_id", split, "--weights=none", "--arch=resnet18", "--image_size=32", "--epochs=1",
          "--max_steps=1", "--batch_size=16", "--target_mix=natural"])
     run_id = train.fit_and_log(args, options.train_config(vars(args), classes), train_df, val_df)
-    config = serving.load(f"runs:/{run_id}/model").config
+    config = counters.load(f"runs:/{run_id}/model").config
     counts = read_manifest(download(split, "splits/train.csv", tmp_path / "t"))["count"]
     assert config["train_mix"] == pytest.approx([float(np.mean(counts == c)) for c in classes])
     assert config["target_mix"] == "natural"

@@ -156,3 +156,17 @@ def test_metric_direction():
     assert registry.lower_is_better("test_rmse") and registry.lower_is_better("val_loss")
     assert registry.lower_is_better("test_mae")
     assert not registry.lower_is_better("test_accuracy") and not registry.lower_is_better("test_within1_accuracy")
+
+
+def test_an_evaluation_of_the_champion_alias_counts_for_the_version_it_named(tiny_model, name):
+    """evaluate keeps the version an alias named (registry.VERSION_TAG): the gate finds the champion's score by it."""
+    a, b = train_run(tiny_model), train_run(tiny_model, split="split-B")
+    evaluation(a, {"test_accuracy": 0.6}, split="split-A")
+    register(name, run_id=a)
+    assert registry.version_uri(f"models:/{name}@champion") == f"models:/{name}/1"
+    assert registry.version_uri(f"models:/{name}/1") == f"models:/{name}/1" and registry.version_uri("runs:/x/model") is None
+    ev = evaluation(None, {"test_accuracy": 0.8}, split="split-B", model_uri=f"models:/{name}@champion")
+    MlflowClient().set_tag(ev, registry.VERSION_TAG, registry.version_uri(f"models:/{name}@champion"))
+    evaluation(b, {"test_accuracy": 0.9}, split="split-B")
+    version, decided, reason = verdict(register(name, run_id=b))
+    assert (version, decided) == ("2", "champion") and "0.9 vs champion version 1's 0.8 on split_run_id=split-B" in reason

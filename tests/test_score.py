@@ -23,7 +23,7 @@ from test_serving import png_bomb
 from bincounter import abid, cli, score, spark_job
 from bincounter.predict import find_images, local_predictor, predict_files
 from bincounter.reconcile import summary
-from bincounter.serving import load
+from bincounter.counters import load
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="no Java runtime for Spark: `make java` installs default-jre-headless")

@@ -26,7 +26,7 @@ from helpers_model import CLASSES, build_tiny_model, tiny_model  # noqa: F401 (f
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bincounter import serving
+from bincounter import counters, serving
 from bincounter.model import IMAGENET_MEAN, IMAGENET_STD
 from bincounter.transforms import MAX_BYTES
 
@@ -164,18 +164,19 @@ def test_the_served_model_holds_no_pickle_and_refuses_pickled_code(store, tmp_pa
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavor
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle")]
-    model_dir = next(local.rglob(serving.CONFIG_FILE)).parent
-    serving.BinCounter.from_dir(model_dir)  # the real weights load with weights_only=True
+    model_dir = next(local.rglob(counters.CONFIG_FILE)).parent
+    counters.BinCounter.from_dir(model_dir)  # the real weights load with weights_only=True
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("BINCOUNTER_EXPLOIT_MARKER", str(marker))
     (model_dir / "weights.pt").write_bytes(pickle.dumps(_Exploit(), protocol=2))
     with pytest.raises(pickle.UnpicklingError):
-        serving.BinCounter.from_dir(model_dir)
+        counters.BinCounter.from_dir(model_dir)
     assert not marker.exists()
 
 
-# the code file every model logged before the pyfunc wrapper moved into bincounter/pyfunc_model.py carries
+# the code file every logged model carries (bincounter/pyfunc_model.py as logged since the first model): it names
+# bincounter.serving.BinCounterModel, so the wrapper must stay there
 OLD_CODE_FILE = """\"\"\"Models-from-code entry: MLflow runs this file to get the model object; nothing is unpickled.\"\"\"
 import mlflow
 
@@ -185,7 +186,7 @@ mlflow.models.set_model(BinCounterModel())
 """
 
 
-def test_a_model_logged_before_the_wrapper_moved_still_loads_and_counts(store, tmp_path):
+def test_a_model_with_the_first_code_file_still_loads_and_counts(store, tmp_path):
     tiny = build_tiny_model(store / "tiny-model")
     local = Path(mlflow.artifacts.download_artifacts(tiny.model_uri, dst_path=str(tmp_path / "model")))
     code = next(local.rglob("pyfunc_model.py"))
@@ -210,7 +211,7 @@ def test_batched_inference_equals_one_image_at_a_time_and_keeps_bad_rows_apart(m
 
     monkeypatch.setattr(serving, "MAX_BATCH", 4)  # several chunks, the next decoded while one runs
     torch.manual_seed(0)
-    counter = serving.BinCounter(build_model("resnet18", 5), {"arch": "resnet18", "classes": CLASSES, "image_size": 32},
+    counter = counters.BinCounter(build_model("resnet18", 5), {"arch": "resnet18", "classes": CLASSES, "image_size": 32},
                                  decode_threads=3)
     images = []
     for i in range(11):
