@@ -45,7 +45,7 @@ def log_model(arch: str, image_size: int, example: Path) -> str:
 
     from bincounter.model import build_model
     from bincounter.train_log import log_trained_model
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
 
     cfg = TrainConfig(arch=arch, weights="none", image_size=image_size, classes=[1, 2, 3, 4, 5])
     with mlflow.start_run() as run:

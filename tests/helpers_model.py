@@ -28,7 +28,7 @@ class TinyModel:
 def log_tiny_model(torch_model, example: Path, experiment_id: str | None = None) -> str:
     """Log `torch_model` as the pyfunc `model` of a new FINISHED train run (in the active experiment unless
     given) -> run id."""
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
     from bincounter.train_log import log_trained_model
 
     cfg = TrainConfig(arch="resnet18", weights="none", image_size=32, classes=CLASSES)
@@ -41,7 +41,8 @@ def log_tiny_model(torch_model, example: Path, experiment_id: str | None = None)
 @functools.cache
 def build_tiny_model(root: Path) -> TinyModel:
     """Train and log the tiny model once (under `root`, in experiment `tiny-model`)."""
-    from bincounter.training import TrainConfig, train_run
+    from bincounter.train_config import TrainConfig
+    from bincounter.training import train_run
 
     df = make_manifest(root / "bins", n=2 * len(CLASSES), size=64, classes=CLASSES, name="{count}-{k}")
     cfg = TrainConfig(arch="resnet18", weights="none", image_size=32, epochs=1, batch_size=16, workers=0,

@@ -295,7 +295,7 @@ def test_an_ensemble_averages_calibrated_members_and_serves_like_any_model(tmp_p
     split = make_split_run(tmp_path, n=150, size=32)
     # a second member with its own input settings: another resolution and temperature
     with mlflow.start_run() as other:
-        from bincounter.training import TrainConfig
+        from bincounter.train_config import TrainConfig
         from bincounter.train_log import log_trained_model
 
         cfg = TrainConfig(arch="resnet18", weights="none", image_size=48, classes=CLASSES)
@@ -341,7 +341,7 @@ def test_an_ensemble_refuses_members_it_cannot_use(tmp_path, tiny_model):
     with pytest.raises(ValueError, match=f"members: runs:/{split}/model does not load"):
         run(f"{tiny_model.run_id},{split}")
     with mlflow.start_run() as three:
-        from bincounter.training import TrainConfig
+        from bincounter.train_config import TrainConfig
         from bincounter.train_log import log_trained_model
 
         import torchvision
@@ -359,7 +359,7 @@ PROMISE = {"measured_on": "validation split (40 bins)", "target_accuracy": 0.8, 
 
 def test_reconcile_uses_the_models_threshold_and_says_what_it_promises(tiny_model, tmp_path, capsys):
     from bincounter import cli
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
     from bincounter.train_log import log_trained_model
 
     with mlflow.start_run() as run:

@@ -103,7 +103,7 @@ def test_metric_prefixes_are_mlflow_legal_and_distinct(names, expected):
 
 def test_evaluate_scores_under_the_target_mix_it_is_given(tiny_model, tmp_path):
     from bincounter.train_log import log_trained_model
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
 
     with mlflow.start_run() as train:
         log_trained_model({"model": tiny_model.torch_model, "best_epoch": 1},

@@ -110,7 +110,7 @@ def test_a_mix_within_the_tolerance_passes_and_one_outside_it_does_not():
 
 def log_with_mix(tiny, train_mix, target_mix="train", temperature=1.0) -> str:
     from bincounter.train_log import log_trained_model
-    from bincounter.training import TrainConfig
+    from bincounter.train_config import TrainConfig
 
     with mlflow.start_run() as run:
         log_trained_model({"model": tiny.torch_model, "best_epoch": 1},

@@ -14,16 +14,16 @@ def _kill() -> None:
 
 
 if os.environ.get("BINCOUNTER_TEST_KILL_AFTER_EPOCH"):
-    from bincounter import training
+    from bincounter import checkpoints
 
-    _save = training.Checkpointer.save
+    _save = checkpoints.Checkpointer.save
 
     def _save_then_kill(self, state: dict) -> None:
         _save(self, state)
         if state["epoch"] == int(os.environ["BINCOUNTER_TEST_KILL_AFTER_EPOCH"]):
             _kill()
 
-    training.Checkpointer.save = _save_then_kill
+    checkpoints.Checkpointer.save = _save_then_kill
 
 if os.environ.get("BINCOUNTER_TEST_KILL_AFTER_TRIAL"):
     import mlflow
