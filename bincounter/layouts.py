@@ -32,7 +32,7 @@ from bincounter import abid
 from bincounter.manifest import REJECT_COLUMNS
 
 LAYOUTS = ("imagefolder", "csv", "abid")
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")  # those `predict` and `reconcile` take; compared in lower case
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")  # every photo the product reads (ingest, predict, reconcile, score); lower case
 PHOTO_COLUMNS = ["image_id", "path", "count", "original"]
 REASONS = ["not_a_photo", "bad_count", "count_out_of_range", "missing_image", "outside_folder", "duplicate",
            "bad_id", "unknown_count"]

@@ -147,3 +147,25 @@ def source_table(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
     out = out.reindex(columns=list(splits), fill_value=0)
     out["total"] = out.sum(axis=1)
     return out.reset_index().rename_axis(columns=None)
+
+
+def keep_test(df: pd.DataFrame, old_test: pd.DataFrame, train_frac: float, val_frac: float,
+              seed: int) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """A manifest and an earlier split's test part -> ({train, val, test}, the ids of the old test bins the manifest
+    lacks). test: exactly the old test bins, each the manifest's row where it has one (its label may be a
+    recount), else the old row; train and val: every other bin of the manifest, stratified by count and source
+    (as stratified_split) in the ratio train_frac:val_frac."""
+    if old_test.empty:
+        raise ValueError("keep_test_of: that split run's test part is empty: nothing to keep")
+    kept = set(old_test["image_id"])
+    missing = sorted(kept - set(df["image_id"]))
+    test = pd.concat([df[df["image_id"].isin(kept)], old_test[old_test["image_id"].isin(missing)]],
+                     ignore_index=True).sort_values("image_id", ignore_index=True)
+    rest = df[~df["image_id"].isin(kept)]
+    if val_frac > 0 and not rest.empty:  # stratified_split's "test" share is the val part here
+        share = val_frac / (train_frac + val_frac)
+        parts = stratified_split(rest, (1 - share, 0, share), seed)
+        train, val = parts["train"], parts["test"]
+    else:
+        train, val = rest.sort_values("image_id", ignore_index=True), empty_manifest()
+    return {"train": train, "val": val, "test": test}, missing

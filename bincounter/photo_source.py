@@ -14,7 +14,7 @@ import pandas as pd
 
 from bincounter import abid, layouts, recounts
 from bincounter.manifest import metric_key
-from bincounter.sources import LocalSource, MissingObject, NotInFolders, S3Source, Source, SourceError, short_hash
+from bincounter.sources import LocalSource, MissingObject, NotInFolders, S3Source, Source, read_file, short_hash
 
 LAYOUT_CHOICES = ("auto", *layouts.LAYOUTS)  # auto: detected per path (layouts.detect_layout)
 RECOUNT = "recount"  # the recounts' manifest `source` and `count_from`, and their name in metric names
@@ -45,12 +45,7 @@ class _ByPath(Source):
         if photo.startswith("s3://"):
             bucket, _, key = photo[len("s3://"):].partition("/")
             return self._s3[bucket].get(key)
-        try:
-            return Path(photo).read_bytes()
-        except FileNotFoundError:
-            raise MissingObject(f"{photo} does not exist") from None
-        except OSError as e:
-            raise SourceError(f"{photo}: {e}") from None
+        return read_file(photo)
 
     def get_metadata(self, image_id: str) -> bytes | None:
         return None  # the count comes with the photo

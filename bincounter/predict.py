@@ -23,8 +23,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from bincounter.counters import BaseCounter, Settings
+from bincounter.layouts import PHOTO_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 READ_CHUNK = 256  # files read per model call: bounds memory for large folders
 
 
@@ -66,7 +66,7 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES)
         else:
             out.append(p)  # a missing file becomes an error row, not a crash
     return out

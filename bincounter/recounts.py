@@ -43,12 +43,16 @@ def recount_sheet(checked: pd.DataFrame) -> pd.DataFrame:
     return sheet[SHEET_COLUMNS]
 
 
-def write_sheet(sheet: pd.DataFrame, path: str | Path) -> Path:
-    """The sheet -> a CSV at `path`, written whole or not at all. -> path."""
-    # UTF-8 with a BOM: without it Excel reads a non-ASCII photo path as mojibake; 3 significant digits of
+def sheet_text(sheet: pd.DataFrame) -> str:
+    """The sheet as the CSV text a person opens in a spreadsheet."""
+    # a BOM first: without it Excel reads a non-ASCII photo path as mojibake; 3 significant digits of
     # p_expected are what a person compares (the rank keeps the exact order)
-    text = sheet.to_csv(index=False, float_format="%.3g")
-    atomic_write_bytes(path, text.encode("utf-8-sig"))
+    return "\ufeff" + sheet.to_csv(index=False, float_format="%.3g")
+
+
+def write_sheet(sheet: pd.DataFrame, path: str | Path) -> Path:
+    """The sheet -> a CSV at `path` (sheet_text), written whole or not at all. -> path."""
+    atomic_write_bytes(path, sheet_text(sheet).encode("utf-8"))
     return Path(path)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import threading
 import time
 import uuid
@@ -43,8 +42,9 @@ from PIL import Image
 
 from bincounter import abid, recounts
 from bincounter import reconcile as rec
+from bincounter.layouts import PHOTO_SUFFIXES
 from bincounter.manifest import read_manifest
-from bincounter.predict import IMAGE_SUFFIXES, find_images, read_file
+from bincounter.predict import find_images, read_file
 from bincounter.report import RECOUNTS
 from bincounter.runs import download_uri
 from bincounter.sources import MissingObject, S3Source, SourceError, anonymous_client, signed_client
@@ -114,7 +114,7 @@ def _list_s3(uri: str, limit: int) -> tuple[list[str], bool]:
         keys: list[str] = []
         try:
             for page in _client(signed).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                keys += [o["Key"] for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in IMAGE_SUFFIXES]
+                keys += [o["Key"] for o in page.get("Contents", []) if Path(o["Key"]).suffix.lower() in PHOTO_SUFFIXES]
                 if limit and len(keys) >= limit:
                     break
             return keys, signed
@@ -368,7 +368,7 @@ def score(spark, photos: Photos, model: Model, output: str, partitions: int = 0,
         if expected is not None:
             stats["check"] = inventory_summary(table, expected)
             stats["flagged"] = stats["check"]["bins_flagged"]
-            new.write_text(RECOUNTS, _sheet_text(recount_sheet(table)))
+            new.write_text(RECOUNTS, recounts.sheet_text(recount_sheet(table)))
         new.write_text(MARKER, json.dumps({"input": photos.input, "model_uri": model.uri, **stats}, indent=1))
         target.replace(new)
     except BaseException:
@@ -405,9 +405,3 @@ def output_sheet(spark, output: str) -> pd.DataFrame:
     """A score output written with the inventory check -> its recount sheet, from its table (the sheet the
     output's `recounts.csv` holds)."""
     return recount_sheet(spark.read.parquet(OutputFolder(spark, output).child(TABLE)))
-
-
-def _sheet_text(sheet: pd.DataFrame) -> str:
-    """The sheet as recounts.write_sheet writes it (a BOM first), as text for OutputFolder.write_text."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return recounts.write_sheet(sheet, Path(tmp) / RECOUNTS).read_text(encoding="utf-8")

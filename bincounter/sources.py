@@ -39,6 +39,16 @@ class SourceError(RuntimeError):
     """An object could not be fetched (after retries, or an error that retrying cannot fix)."""
 
 
+def read_file(path: str | Path) -> bytes:
+    """A local photo's bytes. MissingObject when the file is not there, SourceError when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingObject(f"{path} does not exist") from None
+    except OSError as e:
+        raise SourceError(f"{path}: {e}") from None
+
+
 def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -234,12 +244,7 @@ class LocalSource(Source):
         name = self.where(abid.image_key(image_id))
         if not self.has_image(image_id):  # no photo of its own (or two: `7.jpg` beside `7.PNG`)
             raise MissingObject(f"{name} does not exist")
-        try:
-            return Path(name).read_bytes()
-        except FileNotFoundError:  # removed since bin-images/ was listed
-            raise MissingObject(f"{name} does not exist") from None
-        except OSError as e:
-            raise SourceError(f"{name}: {e}") from None
+        return read_file(name)  # MissingObject too where it was removed since bin-images/ was listed
 
     def get_metadata(self, image_id: str) -> bytes | None:
         path = self.root / abid.metadata_key(image_id)

@@ -89,15 +89,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the first bad parameter (before anything is fetched); settles the old names."""
+def check_args(args: argparse.Namespace) -> list | None:
+    """Raise ValueError naming the first bad parameter (before anything is fetched); settles the old names. ->
+    the local sources made (their paths checked) on the way, so that they are found once; None for the others."""
     resolve_renamed(args)
     if args.source not in SOURCES:
         raise ValueError(f"source: unknown source {args.source!r} (expected one of {', '.join(SOURCES)})")
     if args.layout not in LAYOUT_CHOICES:
         raise ValueError(f"layout: unknown layout {args.layout!r} (expected one of {', '.join(LAYOUT_CHOICES)})")
+    sources = None
     if args.source == "local" and (args.data_dir.strip() or not args.recounts):
-        make_sources(args)  # each path: there, in its layout, given once, named apart from the others
+        sources = make_sources(args)  # each path: there, in its layout, given once, named apart from the others
     if args.file_list == "all" and args.source != "local":
         raise ValueError(f"file_list: 'all' works only with source=local, not source={args.source}")
     if args.count_min < 0:
@@ -114,6 +116,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"num_images: must be at least 1, got {args.num_images}")
     if args.seed < 0:
         raise ValueError(f"seed: must be 0 or more, got {args.seed}")
+    return sources
 
 
 def make_sources(args: argparse.Namespace) -> list:
@@ -236,8 +239,9 @@ def contact_sheet(manifest, n: int = SAMPLES) -> Image.Image:
 def main(args: argparse.Namespace):
     """Run the step -> (manifest, rejects, stats). A bad parameter raises ValueError naming it (before a run
     opens), and so does a run that ingests no image (the run ends FAILED)."""
-    check_args(args)
-    sources = make_sources(args)
+    sources = check_args(args)
+    if sources is None:
+        sources = make_sources(args)
     recount = read_recounts(args)
     items, owner, duplicates, found = bins_and_rejects(args, sources, recount)
     for source in sources:  # after the local checks: an S3 source asks the bucket

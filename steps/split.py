@@ -26,7 +26,7 @@ import mlflow
 import pandas as pd
 
 from bincounter import entry, metrics
-from bincounter.manifest import (SPLITS, check_fractions, empty_manifest, metric_key, read_manifest, source_groups,
+from bincounter.manifest import (SPLITS, check_fractions, keep_test, metric_key, read_manifest, source_groups,
                                  source_table, split_artifact, stratified_split, write_csv)
 from bincounter.runs import download, finished_run, read_split, start_step
 from steps.options import whole
@@ -65,28 +65,6 @@ def keep_sources(splits: dict[str, pd.DataFrame], sources: str) -> dict[str, pd.
         raise ValueError(f"sources: {', '.join(unknown) or repr(sources)} not in the manifest; its sources are "
                          f"{', '.join(known)}")
     return {k: v[source_groups(v).isin(wanted)].reset_index(drop=True) for k, v in splits.items()}
-
-
-def keep_test(df: pd.DataFrame, old_test: pd.DataFrame, train_frac: float, val_frac: float,
-              seed: int) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """A manifest and an earlier split's test part -> ({train, val, test}, the ids of the old test bins the manifest
-    lacks). test: exactly the old test bins, each the manifest's row where it has one (its label may be a
-    recount), else the old row; train and val: every other bin of the manifest, stratified by count and source
-    (as stratified_split) in the ratio train_frac:val_frac."""
-    if old_test.empty:
-        raise ValueError("keep_test_of: that split run's test part is empty: nothing to keep")
-    kept = set(old_test["image_id"])
-    missing = sorted(kept - set(df["image_id"]))
-    test = pd.concat([df[df["image_id"].isin(kept)], old_test[old_test["image_id"].isin(missing)]],
-                     ignore_index=True).sort_values("image_id", ignore_index=True)
-    rest = df[~df["image_id"].isin(kept)]
-    if val_frac > 0 and not rest.empty:  # stratified_split's "test" share is the val part here
-        share = val_frac / (train_frac + val_frac)
-        parts = stratified_split(rest, (1 - share, 0, share), seed)
-        train, val = parts["train"], parts["test"]
-    else:
-        train, val = rest.sort_values("image_id", ignore_index=True), empty_manifest()
-    return {"train": train, "val": val, "test": test}, missing
 
 
 def make_splits(df: pd.DataFrame, args: argparse.Namespace, old_test: pd.DataFrame | None):
