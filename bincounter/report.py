@@ -6,14 +6,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 import mlflow
 import pandas as pd
 
-from bincounter.recounts import write_sheet
+from bincounter.recounts import sheet_text
 from bincounter.transforms import decode_image
 
 THUMB = 160  # px, longest side of a report thumbnail
@@ -103,5 +102,4 @@ def log_run(df: pd.DataFrame, stats: dict, report: Path | None, params: dict,
 def log_sheet(sheet: pd.DataFrame) -> None:
     """Log a recount sheet (recounts.recount_sheet's) into the active run as `recounts.csv`, as write_sheet
     writes it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifact(str(write_sheet(sheet, Path(tmp) / RECOUNTS)))
+    mlflow.log_text(sheet_text(sheet), RECOUNTS)
