@@ -155,7 +155,7 @@ def trust_of(train: str, split_id: str, log: Path, resamples: int = 500) -> dict
     import pandas as pd
 
     from bincounter import calibration
-    from bincounter.runs import download
+    from bincounter.runs import local_file
 
     m = metrics_of(train)
     curves = {}
@@ -165,7 +165,8 @@ def trust_of(train: str, split_id: str, log: Path, resamples: int = 500) -> dict
     for key, calibrated in (("before", "false"), ("after", "true")):
         ev = mlflow_run("evaluate", {"model_uri": f"runs:/{train}/model", "split_run_id": split_id,
                                      "calibrated": calibrated}, log)
-        preds = pd.read_csv(download(ev, "predictions.csv"))
+        with local_file(f"runs:/{ev}/predictions.csv") as path:
+            preds = pd.read_csv(path)
         classes = sorted(int(c[2:]) for c in preds.columns if c.startswith("p_"))
         preds = preds[preds["error"].isna() & preds["count"].isin(classes)].reset_index(drop=True)
         if key == "before":
@@ -235,7 +236,6 @@ def features(path: str) -> list[float]:
 
 def feature_probe(split_id: str) -> dict:
     """Hand-made features + logistic regression on the same split: how much a simple model finds."""
-    import tempfile
 
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -243,13 +243,11 @@ def feature_probe(split_id: str) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from bincounter.manifest import read_manifest
     from bincounter.metrics import count_metrics
     from bincounter.model import decide
-    from bincounter.runs import download
+    from bincounter.runs import read_split
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dfs = {k: read_manifest(download(split_id, f"splits/{k}.csv", tmp)) for k in ("train", "val", "test")}
+    dfs = {k: read_split(split_id, k) for k in ("train", "val", "test")}
     x = {k: np.array([features(p) for p in d["path"]]) for k, d in dfs.items()}
     y = {k: d["count"].to_numpy() for k, d in dfs.items()}
     fits = [make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(x["train"], y["train"])
@@ -269,7 +267,7 @@ def table(rows: list[dict]) -> str:
     if rows:
         b = rows[0]["baseline"]
         base = f"{b['accuracy']:.3f} / {b['rmse']:.3f}"
-        out.append(f"| majority baseline | - | " + " | ".join([base] * len(WAYS))
+        out.append("| majority baseline | - | " + " | ".join([base] * len(WAYS))
                    + f" | {b['mae']:.3f} / {b['within1_accuracy']:.3f} | - |")
     for r in rows:
         cells = [f"{r[w]['accuracy']:.3f} / {r[w]['rmse']:.3f}" if w in r else "-" for w in WAYS]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +37,7 @@ RAW = counters.Settings(calibrated=False, tta=False)  # every model answers alik
 def setup(args) -> dict:
     """The base model, its config and the parts of the split: check half, score half, replay pool, validation."""
     counter = counters.load(args.model_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = {k: read_split(args.split_run_id, k, tmp) for k in ("train", "val", "test")}
+    parts = {k: read_split(args.split_run_id, k) for k in ("train", "val", "test")}
     halves = stratified_split(parts["test"], (0.5, 0.0, 0.5), seed=args.split_seed)
     if args.bins:  # a quick look: fewer bins in each half
         halves = {k: v.sample(n=min(args.bins, len(v)), random_state=args.split_seed) for k, v in halves.items()}

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from bincounter import calibration, priors
+from bincounter.runs import load_pyfunc
 from bincounter.model import (DECISIONS, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, decide,
                               probabilities)
 from bincounter.transforms import EvalPreset, ImageError, decode_image
@@ -278,8 +279,7 @@ def logged_classes(model_uri: str) -> list[int]:
     try:
         try:  # the config alone, not the weights beside it
             config_uri = f"{model_uri.rstrip('/')}/artifacts/model_dir/{CONFIG_FILE}"
-            path = Path(mlflow.artifacts.download_artifacts(config_uri))
-            return [int(c) for c in json.loads(path.read_text())["classes"]]
+            return [int(c) for c in json.loads(mlflow.artifacts.load_text(config_uri))["classes"]]
         except (mlflow.exceptions.MlflowException, OSError):
             with tempfile.TemporaryDirectory() as tmp:  # another layout (a run's root): find the config
                 config = json.loads((model_dir(model_uri, tmp) / CONFIG_FILE).read_text())
@@ -293,5 +293,5 @@ def logged_classes(model_uri: str) -> list[int]:
 def load(model_uri: str) -> BaseCounter:
     """A `runs:/`/`models:/` URI or a local model folder -> its BinCounter or Ensemble (through
     mlflow.pyfunc.load_model)."""
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    pyfunc = load_pyfunc(model_uri)
     return pyfunc.unwrap_python_model().counter

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -162,14 +163,15 @@ def _state_from(weights: str) -> dict:
     """A state-dict file or an MLflow model URI -> state dict (loaded with weights_only=True)."""
     if weights.startswith(("runs:/", "models:/")):
         import mlflow
-        try:
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=weights))
-        except Exception as e:
-            raise WeightsUnavailable(f"weights {weights}: cannot download ({e})") from None
-        found = sorted(root.rglob(WEIGHTS_FILE))
-        if not found:
-            raise WeightsUnavailable(f"weights {weights}: no {WEIGHTS_FILE} in that model")
-        return _load_state_file(found[0])
+        with tempfile.TemporaryDirectory(prefix="bincounter-weights-") as tmp:
+            try:
+                root = Path(mlflow.artifacts.download_artifacts(artifact_uri=weights, dst_path=tmp))
+            except Exception as e:
+                raise WeightsUnavailable(f"weights {weights}: cannot download ({e})") from None
+            found = sorted(root.rglob(WEIGHTS_FILE))
+            if not found:
+                raise WeightsUnavailable(f"weights {weights}: no {WEIGHTS_FILE} in that model")
+            return _load_state_file(found[0])
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailable(f"weights {weights!r} is not imagenet, none, a model URI or an existing file")

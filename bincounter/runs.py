@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -39,39 +41,49 @@ def finished_run(run_id: str, entry_point: str | None = None):
     return run
 
 
-def download(run_id: str, artifact_path: str, dst: str | Path | None = None) -> Path:
-    """An artifact of a run -> local path (downloaded through the tracking server, never read from its folder)."""
+def download(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """An artifact of a run -> its local copy under `dst` (downloaded through the tracking server, never read from
+    its folder). The caller owns `dst`: MLflow's own default is a temporary folder nobody removes."""
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                        dst_path=str(dst) if dst else None))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
     except (mlflow.exceptions.MlflowException, OSError) as e:
         raise ValueError(f"run {run_id} has no artifact {artifact_path!r}: {e}") from None
 
 
-def read_split(run_id: str, split: str, dst: str | Path | None = None):
+def read_split(run_id: str, split: str):
     """One part (train, val, test) of a split run -> its manifest as a DataFrame."""
-    return read_manifest(download(run_id, split_artifact(split), dst))
+    with tempfile.TemporaryDirectory(prefix="bincounter-") as tmp:
+        return read_manifest(download(run_id, split_artifact(split), tmp))
 
 
-def load_split(split_run_id: str, dst: str | Path | None = None):
+def load_split(split_run_id: str):
     """What training needs of a FINISHED split run -> (its classes, train manifest, val manifest); ValueError when
     either part is empty."""
     split = finished_run(split_run_id, "split")
     classes = csv_ints(split.data.params["classes"])
-    train_df, val_df = read_split(split_run_id, "train", dst), read_split(split_run_id, "val", dst)
+    train_df, val_df = read_split(split_run_id, "train"), read_split(split_run_id, "val")
     if train_df.empty or val_df.empty:
         raise ValueError(f"split run {split_run_id} has an empty train or val split; ingest more images")
     return classes, train_df, val_df
 
 
-def download_uri(uri: str, dst: str | Path | None = None) -> Path:
-    """A `runs:/...` URI or a local file -> local path."""
+@contextmanager
+def local_file(uri: str) -> Iterator[Path]:
+    """A `runs:/...` (or other MLflow artifact) URI or a local path -> a local path for the `with` block (a local
+    one as given: its reader says when it is missing); a download is removed after the block."""
     if "://" not in uri and ":/" not in uri:
-        p = Path(uri)
-        if not p.exists():
-            raise FileNotFoundError(f"{uri} does not exist")
-        return p
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="bincounter-") as tmp:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+
+
+def load_pyfunc(model_uri: str):
+    """A model URI (`runs:/`, `models:/`, a folder) -> the loaded pyfunc. A bin counter holds its weights in memory
+    once loaded, so the download is removed here (MLflow's default keeps every one in /tmp for good: ~90 MB a
+    load for a served or scored model)."""
+    with tempfile.TemporaryDirectory(prefix="bincounter-model-") as tmp:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
 
 
 # MLflow's UI opens an experiment tagged with this kind on its training runs (untagged: the GenAI overview)

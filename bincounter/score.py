@@ -46,7 +46,7 @@ from bincounter.layouts import PHOTO_SUFFIXES
 from bincounter.manifest import read_manifest
 from bincounter.predict import find_images, read_file
 from bincounter.report import RECOUNTS
-from bincounter.runs import download_uri
+from bincounter.runs import load_pyfunc, local_file
 from bincounter.sources import MissingObject, S3Source, SourceError, anonymous_client, signed_client
 from bincounter.spark_job import MARKER, OutputFolder
 from bincounter.transforms import ImageError, decode_image
@@ -78,7 +78,8 @@ def list_photos(input: str, limit: int = 0) -> Photos:
         rows = pd.DataFrame({"image_id": [Path(k).stem for k in keys], "source": [f"s3://{bucket}/{k}" for k in keys]})
     elif input.startswith("runs:/") or input.endswith(".csv"):
         try:
-            m = read_manifest(download_uri(input))
+            with local_file(input) as path:
+                m = read_manifest(path)
         except (OSError, mlflow.exceptions.MlflowException) as e:
             raise ValueError(f"input {input}: cannot read the manifest ({e})") from None
         rows = pd.DataFrame({"image_id": m["image_id"], "source": [str(Path(p).resolve()) for p in m["path"]]})
@@ -145,7 +146,7 @@ class Model:
 def check_model(model_uri: str) -> Model:
     """Load the model on the driver (a URI that does not load fails here, not in every task) -> Model."""
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = load_pyfunc(model_uri)
     except Exception as e:  # noqa: BLE001 - MLflow, the network or the model's own code: all mean "does not load"
         raise ValueError(f"model_uri {model_uri}: does not load ({type(e).__name__}: {e})") from None
     signature = model.metadata.signature

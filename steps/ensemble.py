@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> str:
     uris = member_uris(args.members)
     finished_run(args.split_run_id, "split")
     with tempfile.TemporaryDirectory() as tmp:
-        val = read_split(args.split_run_id, "val", tmp)
+        val = read_split(args.split_run_id, "val")
         dirs, members, sources = load_members(uris, tmp)
         classes = members[0].classes
         config = {"classes": classes, "decision": args.decision or members[0].decision, "members": sources}

@@ -39,7 +39,7 @@ from bincounter.figures import table_figures
 from bincounter.manifest import read_manifest, source_groups, write_csv
 from bincounter.model import DECISIONS
 from bincounter.predict import predict_manifest
-from bincounter.runs import download_uri, finished_run, read_split, start_step
+from bincounter.runs import finished_run, local_file, read_split, start_step
 from steps.options import optional, renamed_option, resolve_renamed, str2bool, target_mix, whole
 
 
@@ -85,10 +85,11 @@ def main(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         if args.split_run_id:
             finished_run(args.split_run_id, "split")
-            test = read_split(args.split_run_id, "test", tmp)
-            baseline_from = read_split(args.split_run_id, "train", tmp)["count"]
+            test = read_split(args.split_run_id, "test")
+            baseline_from = read_split(args.split_run_id, "train")["count"]
         else:
-            test = read_manifest(download_uri(args.manifest, tmp))
+            with local_file(args.manifest) as path:
+                test = read_manifest(path)
             baseline_from = test["count"]
         if test.empty:
             raise ValueError("nothing to evaluate: the test data is empty")

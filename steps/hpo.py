@@ -21,7 +21,6 @@ if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): imp
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import tempfile
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -86,35 +85,34 @@ def main(args: argparse.Namespace) -> str:
         raise ValueError(f"parallel_trials must be at least 1, and more than 1 needs backend=sagemaker; "
                          f"got {args.parallel_trials} with backend={args.backend}")
     sm = options.sagemaker_settings(vars(args)).validate() if args.backend == "sagemaker" else None
-    with tempfile.TemporaryDirectory() as tmp:
-        classes, train_df, val_df = load_split(args.split_run_id, tmp)
-        # a trial is configured exactly as the train step would be with these fixed parameters and its draws
-        train_args = train_step.get_args_parser().parse_args(
-            [f"--{k}={options.param_text(getattr(args, k))}" for k in FIXED] + [f"--monitor={args.metric}"])
-        options.train_config(vars(train_args), classes)  # validates the fixed parameters
-        train_log.check_weights(args.weights, classes)  # a model of other counts: refused before any trial
+    classes, train_df, val_df = load_split(args.split_run_id)
+    # a trial is configured exactly as the train step would be with these fixed parameters and its draws
+    train_args = train_step.get_args_parser().parse_args(
+        [f"--{k}={options.param_text(getattr(args, k))}" for k in FIXED] + [f"--monitor={args.metric}"])
+    options.train_config(vars(train_args), classes)  # validates the fixed parameters
+    train_log.check_weights(args.weights, classes)  # a model of other counts: refused before any trial
 
-        def make_config(draws: dict):
-            return options.train_config(vars(train_args), classes, **draws)
+    def make_config(draws: dict):
+        return options.train_config(vars(train_args), classes, **draws)
 
-        with start_step("hpo", vars(args)) as run:
-            mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
-            runner = None
-            if sm:
-                from bincounter import sagemaker_jobs
+    with start_step("hpo", vars(args)) as run:
+        mlflow.log_input(mlflow.data.from_pandas(val_df, name="val"), context="validation")
+        runner = None
+        if sm:
+            from bincounter import sagemaker_jobs
 
-                mlflow.set_tag("bincounter.backend", "sagemaker")
-                sub = hpo.train_subset(train_df, args.subset, args.seed)  # what search trains every trial on
-                staged = sagemaker_jobs.stage(sm, f"hpo-{run.info.run_id}", args.arch, classes, sub, val_df)
-                runner = trial_runner(args, sm, train_args, make_config, classes, sub, val_df, staged)
-            hpo.search(make_config, train_df, val_df, metric=args.metric, max_evals=args.max_evals,
-                       subset=args.subset, seed=args.seed,
-                       # workers and where the trials run: speed only (parallel_trials: search adds it when > 1)
-                       settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
-                       space=space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed)),
-                                           args.epochs),
-                       parallel=args.parallel_trials, trial_runner=runner)
-            return run.info.run_id
+            mlflow.set_tag("bincounter.backend", "sagemaker")
+            sub = hpo.train_subset(train_df, args.subset, args.seed)  # what search trains every trial on
+            staged = sagemaker_jobs.stage(sm, f"hpo-{run.info.run_id}", args.arch, classes, sub, val_df)
+            runner = trial_runner(args, sm, train_args, make_config, classes, sub, val_df, staged)
+        hpo.search(make_config, train_df, val_df, metric=args.metric, max_evals=args.max_evals,
+                   subset=args.subset, seed=args.seed,
+                   # workers and where the trials run: speed only (parallel_trials: search adds it when > 1)
+                   settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
+                   space=space_for(args.weights, len(hpo.train_subset(train_df, args.subset, args.seed)),
+                                   args.epochs),
+                   parallel=args.parallel_trials, trial_runner=runner)
+        return run.info.run_id
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from bincounter.ingest import ingest_many, label_conflicts
 from bincounter.manifest import write_csv
 from bincounter.photo_source import (LAYOUT_CHOICES, RECOUNT, RecountSource, found_rejects, local_folders,
                                      with_recounts)
-from bincounter.runs import download_uri, start_step
+from bincounter.runs import local_file, start_step
 from bincounter.sources import S3Source, SyntheticSource, all_labels, locate
 from bincounter.transforms import read_image
 from steps.options import renamed_option, resolve_renamed, whole
@@ -141,9 +141,9 @@ def read_recounts(args: argparse.Namespace) -> RecountSource | None:
     if not args.recounts:
         return None
     try:
-        path = download_uri(args.recounts) if args.recounts.startswith("runs:/") else args.recounts
-        return RecountSource(path, list(range(args.count_min, args.count_max + 1)), given=args.recounts,
-                             endpoint_url=args.endpoint_url or None, workers=args.downloads)
+        with local_file(args.recounts) as path:  # a path, or a sheet a run logged (runs:/...)
+            return RecountSource(path, list(range(args.count_min, args.count_max + 1)), given=args.recounts,
+                                 endpoint_url=args.endpoint_url or None, workers=args.downloads)
     except (ValueError, OSError, mlflow.exceptions.MlflowException) as e:
         raise ValueError(f"recounts: {e}") from None
 
@@ -178,9 +178,8 @@ def list_items(args: argparse.Namespace, sources: list) -> tuple[dict[str, int |
         items, owner, duplicates = all_labels(sources)
     else:
         try:
-            # a path, or a select run's file_list.json as a runs:/ URI
-            path = download_uri(args.file_list) if args.file_list.startswith("runs:/") else args.file_list
-            items = abid.read_file_list(path)
+            with local_file(args.file_list) as path:  # a path, or a select run's file_list.json (runs:/...)
+                items = abid.read_file_list(path)
         except (ValueError, OSError, mlflow.exceptions.MlflowException) as e:
             raise ValueError(f"file_list: {e}") from None
         if not items:

@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> str:
         lo = int(ingest.data.params.get("count_min", df["count"].min()))
         hi = int(ingest.data.params.get("count_max", df["count"].max()))
         mlflow.log_param("classes", ",".join(str(c) for c in range(lo, hi + 1)))
-        old_test = read_split(args.keep_test_of, "test", Path(tmp) / "kept") if args.keep_test_of else None
+        old_test = read_split(args.keep_test_of, "test") if args.keep_test_of else None
         splits, missing = make_splits(df, args, old_test)
         for name in SPLITS:
             write_csv(splits[name], Path(tmp) / split_artifact(name))

@@ -23,7 +23,6 @@ if __name__ == "__main__":  # run as a script (spark-submit steps/score.py): imp
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import tempfile
 
 import mlflow
 
@@ -74,27 +73,26 @@ def fit_and_log(args: argparse.Namespace, cfg, train_df, val_df) -> str:
 
 
 def main(args: argparse.Namespace) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        classes, train_df, val_df = load_split(args.split_run_id, tmp)
-        if args.refit_of:  # the settings and epoch count another run chose on validation, on more bins
-            args = options.refit_args(args, get_args_parser())
-            train_df, val_df = train_log.refit_data(train_df, val_df, args.calibration_frac, args.seed)
-        hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
-        cfg = options.train_config(vars(args), classes, hpo, keep_last=bool(args.refit_of))  # bad ones fail here
-        train_log.check_weights(cfg.weights, classes)  # a model of other counts: refused before training
-        if args.backend != "sagemaker":
-            return fit_and_log(args, cfg, train_df, val_df)
-        from bincounter import sagemaker_jobs
+    classes, train_df, val_df = load_split(args.split_run_id)
+    if args.refit_of:  # the settings and epoch count another run chose on validation, on more bins
+        args = options.refit_args(args, get_args_parser())
+        train_df, val_df = train_log.refit_data(train_df, val_df, args.calibration_frac, args.seed)
+    hpo = finished_run(args.hpo_run_id, "hpo").data.params if args.hpo_run_id else None
+    cfg = options.train_config(vars(args), classes, hpo, keep_last=bool(args.refit_of))  # bad ones fail here
+    train_log.check_weights(cfg.weights, classes)  # a model of other counts: refused before training
+    if args.backend != "sagemaker":
+        return fit_and_log(args, cfg, train_df, val_df)
+    from bincounter import sagemaker_jobs
 
-        settings = options.sagemaker_settings(vars(args)).validate()  # before a run is opened and any AWS call
-        with start_step("train", vars(args), run_name("train", {**vars(args), "lr": cfg.lr})) as run:
-            mlflow.set_tag("bincounter.backend", "sagemaker")
-            mlflow.log_params(train_log.effective_params(cfg))
-            sagemaker_jobs.submit_and_wait(settings, options.job_params(vars(args), cfg), run.info.run_id, classes,
-                                           train_df, val_df)
-            print(f"train: run {run.info.run_id} trained by SageMaker job "
-                  f"{mlflow.get_run(run.info.run_id).data.tags.get('bincounter.sagemaker_job')}")
-            return run.info.run_id
+    settings = options.sagemaker_settings(vars(args)).validate()  # before a run is opened and any AWS call
+    with start_step("train", vars(args), run_name("train", {**vars(args), "lr": cfg.lr})) as run:
+        mlflow.set_tag("bincounter.backend", "sagemaker")
+        mlflow.log_params(train_log.effective_params(cfg))
+        sagemaker_jobs.submit_and_wait(settings, options.job_params(vars(args), cfg), run.info.run_id, classes,
+                                       train_df, val_df)
+        print(f"train: run {run.info.run_id} trained by SageMaker job "
+              f"{mlflow.get_run(run.info.run_id).data.tags.get('bincounter.sagemaker_job')}")
+        return run.info.run_id
 
 
 if __name__ == "__main__":

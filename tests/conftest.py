@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files(tmp_path_factory) -> Path:
+    """The session's temporary files, the steps' it starts included, go under pytest's own folder (kept for the
+    last three sessions), never into the system's: what a test leaves there goes with it."""
+    d = tmp_path_factory.mktemp("tmp")
+    os.environ["TMPDIR"] = str(d)
+    tempfile.tempdir = str(d)
+    return d
 
 
 @pytest.fixture(scope="session")

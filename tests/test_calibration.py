@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers_data import make_split_run
-from helpers_model import CLASSES, log_tiny_model, tiny_model  # noqa: F401 (fixture)
+from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
 from bincounter import calibration
 
@@ -184,7 +184,7 @@ def test_train_fits_trust_on_validation_and_the_model_carries_it(tmp_path, calib
     from steps import options, train
 
     split = make_split_run(tmp_path, n=200, size=32)  # 40 validation bins: enough for a fit
-    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    classes, train_df, val_df = load_split(split)
     args = trust_args(weights="none", arch="resnet18", image_size=32, epochs=1, max_steps=2, batch_size=16,
                       calibrate=str(calibrate).lower(), target_accuracy=0.5)
     cfg = options.train_config(vars(args), classes)

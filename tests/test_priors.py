@@ -218,7 +218,7 @@ def test_train_keeps_its_training_mix_and_target_in_the_model_config(tmp_path):
     from steps import options, train
 
     split = make_split_run(tmp_path, n=50, size=32)
-    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    classes, train_df, val_df = load_split(split)
     args = train.get_args_parser().parse_args(
         ["--split_run_id", split, "--weights=none", "--arch=resnet18", "--image_size=32", "--epochs=1",
          "--max_steps=1", "--batch_size=16", "--target_mix=natural"])

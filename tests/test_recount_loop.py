@@ -59,7 +59,7 @@ def test_recounts_fine_tune_the_champion_and_the_gate_compares_on_the_kept_test_
     ingest1, manifest1, _, _ = ingest_run(root, cache)
     assert len(manifest1) == BINS and dict(zip(manifest1["image_id"], manifest1["count"])) == records
     split1 = step(split, "--ingest_run_id", ingest1)
-    old_test = sorted(read_split(split1, "test", tmp_path / "s1")["image_id"])
+    old_test = sorted(read_split(split1, "test")["image_id"])
     train1 = step(train, "--split_run_id", split1, "--weights", "none", *TINY)
     step(evaluate, "--model_uri", f"runs:/{train1}/model", "--split_run_id", split1)
     step(register, "--run_id", train1, "--name", NAME)
@@ -102,7 +102,7 @@ def test_recounts_fine_tune_the_champion_and_the_gate_compares_on_the_kept_test_
     assert by_id["count"].to_dict() == {i: truth[i] if i in recounted else records[i] for i in truth}
     assert set(rejects2.loc[rejects2["reason"] == "duplicate_id", "image_id"]) == recounted  # the records' copies
     split2 = step(split, "--ingest_run_id", ingest2, "--keep_test_of", split1)
-    parts = {p: read_split(split2, p, tmp_path / "s2" / p) for p in ("train", "val", "test")}
+    parts = {p: read_split(split2, p) for p in ("train", "val", "test")}
     assert sorted(parts["test"]["image_id"]) == old_test
     test = parts["test"].set_index("image_id")
     recounted_test = sorted(recounted & set(old_test))

@@ -1,13 +1,19 @@
-"""What the MLflow UI shows of a step run: its name, the experiment's kind and saved view, unquoted parameters."""
+"""What the MLflow UI shows of a step run: its name, the experiment's kind and saved view, unquoted parameters;
+and what reading a run's artifacts leaves behind."""
 import json
+import tempfile
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from bincounter.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG, create_project_run, run_name,
-                             start_step, ui_url)
+from bincounter import counters
+from bincounter.model import build_model
+from bincounter.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG, create_project_run, local_file, read_split,
+                             run_name, start_step, ui_url)
 from conftest import ROOT
+from helpers_data import make_manifest
+from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
 
 
 def test_run_names_say_what_ran():
@@ -56,3 +62,23 @@ def test_a_project_run_created_for_main_has_its_tags_and_no_parameters(experimen
     assert run.data.tags[mlflow_tags.MLFLOW_SOURCE_TYPE] == "PROJECT"
     assert run.data.params == {}
     MlflowClient().set_terminated(run_id)
+
+
+def test_models_and_artifacts_read_from_runs_leave_no_temporary_files(tiny_model, tmp_path, monkeypatch):
+    """MLflow downloads into a new temporary folder that nobody removes unless told where: ~90 MB a model load, for
+    every served, scored or evaluated model. Everything the library reads from a run must clean up after itself."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where tempfile and MLflow put temporary folders
+    with mlflow.start_run() as split:
+        make_manifest(tmp_path / "bins", n=4, size=32, classes=CLASSES).to_csv(tmp_path / "test.csv", index=False)
+        mlflow.log_artifact(str(tmp_path / "test.csv"), "splits")
+
+    assert counters.load(tiny_model.model_uri).classes == CLASSES
+    assert counters.logged_classes(tiny_model.model_uri) == CLASSES
+    assert build_model("resnet18", len(CLASSES), weights=tiny_model.model_uri) is not None
+    assert len(read_split(split.info.run_id, "test")) == 4
+    with local_file(f"runs:/{split.info.run_id}/splits/test.csv") as path:
+        assert path.is_file()
+    assert not path.exists()
+    assert sorted(p.name for p in scratch.iterdir()) == []

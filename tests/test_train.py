@@ -175,7 +175,7 @@ def test_evaluate_counts_unreadable_images_and_goes_on(tmp_path):
         from bincounter.train_log import log_trained_model
         from bincounter.training import train_run
 
-        classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+        classes, train_df, val_df = load_split(split)
         cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes})
         result = train_run(cfg, train_df, val_df, checkpoint=False)
         log_trained_model(result, cfg, val_df["path"].iloc[0])
@@ -209,7 +209,7 @@ def test_training_can_start_from_an_earlier_model(tmp_path):
     from bincounter.training import train_run
 
     split = make_split_run(tmp_path, n=20, size=32)
-    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    classes, train_df, val_df = load_split(split)
     cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes})
     with mlflow.start_run() as run:
         result = train_run(cfg, train_df, val_df, checkpoint=False)
@@ -266,7 +266,7 @@ def test_resume_with_another_monitor_is_refused_saying_so(tmp_path):
     from bincounter.training import train_run
 
     split = make_split_run(tmp_path, n=20, size=32)
-    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    classes, train_df, val_df = load_split(split)
     cfg = TrainConfig(**{**TINY, "epochs": 1, "classes": classes, "monitor": "val_loss"})
     with mlflow.start_run() as run:
         train_run(cfg, train_df, val_df)
@@ -286,7 +286,7 @@ def test_early_stopping_and_the_kept_epoch_follow_the_monitor(tmp_path, monkeypa
     from bincounter.train_config import TrainConfig
 
     split = make_split_run(tmp_path, n=20, size=32)
-    classes, train_df, val_df = load_split(split, str(tmp_path / "dl"))
+    classes, train_df, val_df = load_split(split)
     scripted = iter([])
 
     def evaluate(*args, **kwargs):
