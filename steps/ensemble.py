@@ -26,7 +26,7 @@ import pandas as pd
 
 from bincounter import calibration, counters, entry, priors, serving
 from bincounter.model import DECISIONS, decide
-from bincounter.predict import predict, read_file
+from bincounter.predict import predict_manifest, read_file
 from bincounter.runs import finished_run, read_split, start_step
 from steps.options import add_calibration_options, trust_targets
 from bincounter.train_log import CALIBRATION_BINS
@@ -83,11 +83,10 @@ def unseen(val, sources: list[dict]):
     return keep
 
 
-def member_probabilities(member: counters.BaseCounter, images: list[bytes], names: list[str],
-                         classes: list[int]) -> np.ndarray:
-    """One member's calibrated probabilities [N, C] at its training mix (predict.predict, target mix `train`:
-    the ensemble moves the mix once, after the mean); NaN rows where an image is unreadable."""
-    table = predict(member, images, names, counters.Settings(target_mix=priors.TRAIN_MIX))
+def member_probabilities(member: counters.BaseCounter, df: pd.DataFrame, classes: list[int]) -> np.ndarray:
+    """One member's calibrated probabilities [N, C] for manifest rows, at its training mix (predict_manifest,
+    target mix `train`: the ensemble moves the mix once, after the mean); NaN rows where an image is unreadable."""
+    table = predict_manifest(member, df, counters.Settings(target_mix=priors.TRAIN_MIX))
     return table[[f"p_{c}" for c in classes]].to_numpy(dtype=float, na_value=np.nan)
 
 
@@ -99,8 +98,7 @@ def main(args: argparse.Namespace) -> str:
         dirs, members, sources = load_members(uris, tmp)
         classes = members[0].classes
         config = {"classes": classes, "decision": args.decision or members[0].decision, "members": sources}
-        images, read_errors = zip(*map(read_file, val["path"]))
-        per_member = [member_probabilities(m, list(images), val["image_id"].tolist(), classes) for m in members]
+        per_member = [member_probabilities(m, val, classes) for m in members]
         # the ensemble at temperature 1 (the mean Ensemble.calibrated takes): what calibration is fitted on
         probs = np.mean(per_member, axis=0)
         ok = ~np.isnan(probs).any(axis=1) & val["count"].isin(classes).to_numpy() & unseen(val, sources)
@@ -111,7 +109,7 @@ def main(args: argparse.Namespace) -> str:
             mlflow.log_metrics({"members": len(uris), "val_accuracy": accuracy(probs),
                                 **{f"member_{i}_val_accuracy": accuracy(p) for i, p in enumerate(per_member)}})
             trust = calibration.fit_and_log(probs[ok], y, classes, config["decision"], trust_targets(vars(args)))
-            example = next(b for b, e in zip(images, read_errors) if e is None)
+            example = next(data for data, error in map(read_file, val["path"]) if error is None)
             serving.log_ensemble(dirs, {**config, **trust.config()}, example)
             print(f"ensemble: run {run.info.run_id}, {len(uris)} members, val_accuracy {accuracy(probs):.3f} "
                   f"(members {', '.join(f'{accuracy(p):.3f}' for p in per_member)})")
