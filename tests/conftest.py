@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from datetime import date, timedelta
 from pathlib import Path
 
 import mlflow
@@ -23,6 +24,14 @@ SAMPLE = ROOT.parent / "shared" / "abid-sample"
 LABELS = ROOT.parent / "shared" / "abid-labels"
 needs_sample = pytest.mark.skipif(not (SAMPLE / "labels.csv").exists(),
                                   reason=f"the real ABID sample is not at {SAMPLE}")
+
+
+def stamped_today(dates) -> bool:
+    """Whether `dates` are one day, today's (yesterday's, should the test have crossed midnight since the step
+    stamped them)."""
+    days = {str(d) for d in dates}
+    now = date.today()
+    return len(days) == 1 and days <= {now.isoformat(), (now - timedelta(days=1)).isoformat()}
 
 
 def free_port() -> int:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import random
 import re
-from datetime import date
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-from conftest import last_run
+from conftest import last_run, stamped_today
 from mlflow import MlflowClient
 
 from bincounter import cli, registry
@@ -131,6 +130,6 @@ def test_recounts_fine_tune_the_champion_and_the_gate_compares_on_the_kept_test_
     # the recounts in the manifest: source and count_from `recount`, dated; the bin left empty keeps its record
     rows = by_id.loc[sorted(recounted)]
     assert (rows["source"] == "recount").all() and (rows["count_from"] == "recount").all()
-    assert set(rows["recounted_on"]) == {date.today().isoformat()}
+    assert stamped_today(rows["recounted_on"])
     assert by_id.at[skipped, "source"] != "recount" and pd.isna(by_id.at[skipped, "recounted_on"])
     assert last_run("ingest").data.params["recounts"] == str(sheet_path)

@@ -1,13 +1,13 @@
 """The recount sheet: flagged bins out (riskiest first), a person's recounts back as labels, bad rows rejected."""
 from __future__ import annotations
 
-from datetime import date
 
 import pandas as pd
 import pytest
 
 from bincounter import recounts
 from bincounter.manifest import REJECT_COLUMNS
+from conftest import stamped_today
 
 # reconcile.COLUMNS, written out: importing reconcile loads torch, seconds this test does not need
 COLUMNS = ["image_id", "path", "expected_quantity", "predicted", "confidence", "p_expected", "flagged", "status",
@@ -71,7 +71,7 @@ def test_write_fill_read_back(tmp_path):
     assert stats["rows"] == 4 and stats["recounted"] == 2 and stats["skipped_empty"] == 2
     assert stats["rejected"] == 0 and stats["rejected_bad_count"] == 0
     today = recounts.read_sheet(path)[0]
-    assert set(today["recounted_on"]) == {date.today().isoformat()}
+    assert stamped_today(today["recounted_on"])
 
 
 @pytest.mark.parametrize("value, reason, says", [
