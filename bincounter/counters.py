@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from bincounter import calibration, priors
-from bincounter.runs import load_pyfunc
 from bincounter.model import (DECISIONS, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, build_model, decide,
                               probabilities)
+from bincounter.runs import load_pyfunc
 from bincounter.transforms import EvalPreset, ImageError, decode_image
 
 CONFIG_FILE = "model_config.json"
