@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass
 
 import boto3
-import mlflow
 import pandas as pd
 from botocore.exceptions import BotoCoreError, ClientError
 from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
 
+from bincounter.runs import model_info
 from bincounter.serving import INPUT_COLUMN
 from bincounter.transforms import ImageError, decode_image
 
@@ -125,7 +125,7 @@ def deploy(s: Settings) -> tuple[str, dict]:
     """Create or replace the endpoint per `s` -> (the client method used, SageMaker's description of it)."""
     s.validate()
     try:
-        mlflow.models.get_model_info(s.model_uri)
+        model_info(s.model_uri)
     except (MlflowException, OSError) as e:
         raise ValueError(f"model_uri {s.model_uri}: cannot read the model ({e})") from None
     exists = endpoint_exists(s.endpoint, s.region)

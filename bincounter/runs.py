@@ -78,6 +78,13 @@ def local_file(uri: str) -> Iterator[Path]:
         yield Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
 
 
+def model_info(model_uri: str):
+    """A model URI -> its MLflow ModelInfo (run_id, flavors, signature), read from its MLmodel alone, which is
+    removed after (mlflow.models.get_model_info keeps each one in /tmp)."""
+    with local_file(f"{model_uri.rstrip('/')}/MLmodel") as path:
+        return mlflow.models.Model.load(str(path)).get_model_info()
+
+
 def load_pyfunc(model_uri: str):
     """A model URI (`runs:/`, `models:/`, a folder) -> the loaded pyfunc. A bin counter holds its weights in memory
     once loaded, so the download is removed here (MLflow's default keeps every one in /tmp for good: ~90 MB a

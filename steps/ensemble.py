@@ -27,7 +27,7 @@ import pandas as pd
 from bincounter import calibration, counters, entry, priors, serving
 from bincounter.model import DECISIONS, decide
 from bincounter.predict import predict_manifest, read_file
-from bincounter.runs import finished_run, read_split, start_step
+from bincounter.runs import finished_run, model_info, read_split, start_step
 from steps.options import add_calibration_options, trust_targets
 from bincounter.train_log import CALIBRATION_BINS
 
@@ -61,7 +61,7 @@ def load_members(uris: list[str], tmp: str) -> tuple[list[Path], list[counters.B
         try:
             d = counters.model_dir(uri, Path(tmp) / f"member{i}")
             loaded.append(counters.BinCounter.from_dir(d))
-            run_id = mlflow.models.get_model_info(uri).run_id
+            run_id = model_info(uri).run_id
         except Exception as e:  # any reason a model cannot be had: say which member
             raise ValueError(f"members: {uri} does not load ({type(e).__name__}: {e})") from None
         if loaded[i].classes != loaded[0].classes:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from bincounter import registry
 from bincounter import entry
-from bincounter.runs import finished_run, start_step
+from bincounter.runs import finished_run, model_info, start_step
 from steps.options import str2bool
 
 
@@ -43,7 +43,7 @@ def check_has_model(run_id: str) -> None:
     if step == "evaluate":
         return
     try:
-        mlflow.models.get_model_info(f"runs:/{run_id}/model")
+        model_info(f"runs:/{run_id}/model")
     except (MlflowException, OSError):
         raise ValueError(f"run_id {run_id}: a {step or 'untagged'!r} run has no model to register: give a train or "
                          "ensemble run, or an evaluate run") from None

@@ -43,8 +43,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def temporary_files(tmp_path_factory) -> Path:
-    """The session's temporary files, the steps' it starts included, go under pytest's own folder (kept for the
-    last three sessions), never into the system's: what a test leaves there goes with it."""
+    """The session's temporary files, the steps' it starts included, go under pytest's own folder, never into the
+    system's: removed with it after a passing session (tmp_path_retention_policy), kept after a failing one."""
     d = tmp_path_factory.mktemp("tmp")
     os.environ["TMPDIR"] = str(d)
     tempfile.tempdir = str(d)

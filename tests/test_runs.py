@@ -9,8 +9,8 @@ from mlflow.utils import mlflow_tags
 
 from bincounter import counters
 from bincounter.model import build_model
-from bincounter.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG, create_project_run, local_file, read_split,
-                             run_name, start_step, ui_url)
+from bincounter.runs import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG, create_project_run, local_file,
+                             model_info, read_split, run_name, start_step, ui_url)
 from conftest import ROOT
 from helpers_data import make_manifest
 from helpers_model import CLASSES, tiny_model  # noqa: F401 (fixture)
@@ -76,6 +76,7 @@ def test_models_and_artifacts_read_from_runs_leave_no_temporary_files(tiny_model
 
     assert counters.load(tiny_model.model_uri).classes == CLASSES
     assert counters.logged_classes(tiny_model.model_uri) == CLASSES
+    assert model_info(tiny_model.model_uri).run_id == tiny_model.run_id
     assert build_model("resnet18", len(CLASSES), weights=tiny_model.model_uri) is not None
     assert len(read_split(split.info.run_id, "test")) == 4
     with local_file(f"runs:/{split.info.run_id}/splits/test.csv") as path:
