@@ -3,6 +3,7 @@
 # folder as the artifact root, `mlflow server` on 127.0.0.1. Usage:
 #   scripts/tracking_server.sh start [DIR] [PORT]   # default DIR=.tracking PORT=5000; prints the URI to export
 #   scripts/tracking_server.sh stop [DIR]
+#   scripts/tracking_server.sh remove [DIR]          # stop, then delete DIR's database and DIR itself
 # Postgres refuses to run as root, so as root the database runs as the `postgres` user.
 set -euo pipefail
 cmd=${1:-start}
@@ -12,9 +13,17 @@ pgport=${PGPORT_MLFLOW:-$((port + 432))}
 pgbin=$(dirname "$(readlink -f "$(command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")")
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 # The database files must be reachable by the user postgres runs as: as root, DIR may sit under folders only
-# root can enter (a pytest tmp dir, /root), so they go to a folder of postgres' own, named after DIR.
+# root can enter (a pytest tmp dir, /root), so they go to a folder of postgres' own, named by an id that DIR
+# keeps (pg-id): a new DIR gets a new database, even at a path an earlier, deleted DIR had.
 if [ "$(id -u)" = 0 ]; then
-  pgdata=/var/tmp/bincounter-pg/$(printf %s "$dir" | sha1sum | cut -c1-12)
+  if [ "$cmd" = start ] && [ ! -f "$dir/pg-id" ]; then
+    mkdir -p "$dir"
+    legacy=$(printf %s "$dir" | sha1sum | cut -c1-12)  # where DIR's database was kept before DIR kept an id
+    if [ -d "$dir/artifacts" ] && [ -f "/var/tmp/bincounter-pg/$legacy/PG_VERSION" ]; then echo "$legacy"
+    else od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; fi >"$dir/pg-id.tmp"
+    mv "$dir/pg-id.tmp" "$dir/pg-id"
+  fi
+  pgdata=/var/tmp/bincounter-pg/$(cat "$dir/pg-id" 2>/dev/null || echo none)
 else
   pgdata=$dir/pg
 fi
@@ -43,10 +52,11 @@ start)
   curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "mlflow server did not come up; see $dir/server.log"; exit 1; }
   echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$port"
   ;;
-stop)
+stop|remove)
   [ -f "$dir/server.pid" ] && kill "$(cat "$dir/server.pid")" 2>/dev/null || true
   rm -f "$dir/server.pid"
   [ -f "$pgdata/postmaster.pid" ] && as_pg "$pgbin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null || true
+  if [ "$cmd" = remove ]; then rm -rf "$pgdata" "$dir"; fi
   ;;
-*) echo "usage: $0 start|stop [DIR] [PORT]"; exit 2 ;;
+*) echo "usage: $0 start|stop|remove [DIR] [PORT]"; exit 2 ;;
 esac

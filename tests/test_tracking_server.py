@@ -35,7 +35,7 @@ def server(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     yield uri
     mlflow.set_tracking_uri(previous)
-    subprocess.run([str(SCRIPT), "stop", str(d)], timeout=120)
+    subprocess.run([str(SCRIPT), "remove", str(d)], timeout=120)  # its database too: nothing is left behind
 
 
 def test_pipeline_logs_to_the_tracking_server(server, tmp_path):
