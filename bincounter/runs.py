@@ -67,11 +67,16 @@ def load_split(split_run_id: str):
     return classes, train_df, val_df
 
 
+def is_local(uri: str) -> bool:
+    """Whether `uri` is a local path rather than a URI with a scheme (runs:/, models:/, s3://, ...)."""
+    return "://" not in uri and ":/" not in uri
+
+
 @contextmanager
 def local_file(uri: str) -> Iterator[Path]:
     """A `runs:/...` (or other MLflow artifact) URI or a local path -> a local path for the `with` block (a local
     one as given: its reader says when it is missing); a download is removed after the block."""
-    if "://" not in uri and ":/" not in uri:
+    if is_local(uri):
         yield Path(uri)
         return
     with tempfile.TemporaryDirectory(prefix="bincounter-") as tmp:
@@ -88,7 +93,9 @@ def model_info(model_uri: str):
 def load_pyfunc(model_uri: str):
     """A model URI (`runs:/`, `models:/`, a folder) -> the loaded pyfunc. A bin counter holds its weights in memory
     once loaded, so the download is removed here (MLflow's default keeps every one in /tmp for good: ~90 MB a
-    load for a served or scored model)."""
+    load for a served or scored model). A local folder is read where it is."""
+    if is_local(model_uri):
+        return mlflow.pyfunc.load_model(model_uri)
     with tempfile.TemporaryDirectory(prefix="bincounter-model-") as tmp:
         return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
 

@@ -89,17 +89,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> list | None:
+def check_args(args: argparse.Namespace) -> list:
     """Raise ValueError naming the first bad parameter (before anything is fetched); settles the old names. ->
-    the local sources made (their paths checked) on the way, so that they are found once; None for the others."""
+    the sources to read (make_sources; local paths are checked first, among the parameters)."""
     resolve_renamed(args)
     if args.source not in SOURCES:
         raise ValueError(f"source: unknown source {args.source!r} (expected one of {', '.join(SOURCES)})")
     if args.layout not in LAYOUT_CHOICES:
         raise ValueError(f"layout: unknown layout {args.layout!r} (expected one of {', '.join(LAYOUT_CHOICES)})")
-    sources = None
-    if args.source == "local" and (args.data_dir.strip() or not args.recounts):
-        sources = make_sources(args)  # each path: there, in its layout, given once, named apart from the others
+    # local: each path there, in its layout, given once, named apart from the others
+    sources = make_sources(args) if args.source == "local" else None
     if args.file_list == "all" and args.source != "local":
         raise ValueError(f"file_list: 'all' works only with source=local, not source={args.source}")
     if args.count_min < 0:
@@ -116,7 +115,7 @@ def check_args(args: argparse.Namespace) -> list | None:
         raise ValueError(f"num_images: must be at least 1, got {args.num_images}")
     if args.seed < 0:
         raise ValueError(f"seed: must be 0 or more, got {args.seed}")
-    return sources
+    return sources if sources is not None else make_sources(args)
 
 
 def make_sources(args: argparse.Namespace) -> list:
@@ -239,8 +238,6 @@ def main(args: argparse.Namespace):
     """Run the step -> (manifest, rejects, stats). A bad parameter raises ValueError naming it (before a run
     opens), and so does a run that ingests no image (the run ends FAILED)."""
     sources = check_args(args)
-    if sources is None:
-        sources = make_sources(args)
     recount = read_recounts(args)
     items, owner, duplicates, found = bins_and_rejects(args, sources, recount)
     for source in sources:  # after the local checks: an S3 source asks the bucket
